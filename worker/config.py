@@ -1,0 +1,71 @@
+"""Configuration: every setting the service reads, in one place.
+
+Command-line flags override these environment variables; nothing else reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+QUEUE = "astronn_dist"
+TASK_NAME = "astronn_dist.process"
+
+DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+DEFAULT_DATABASE_URL = "sqlite:///astronn-dist.sqlite"
+# Longer than the longest chunk can take (a few hundred spectra at 100 MC passes on a slow CPU
+# is minutes), short enough that a dead worker's message comes back in bounded time.
+DEFAULT_VISIBILITY_TIMEOUT_S = 1800
+DEFAULT_MC_PASSES = 100
+DEFAULT_SEED = 0
+
+BUNDLED_MODEL = Path(__file__).parent / "models" / "astronn-dist-demo.pt"
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def _secret_from_file(url: str | None, file_var: str) -> str | None:
+    """A URL may also come from a file (Docker/Kubernetes secrets): ``<VAR>_FILE``."""
+    path = _env(file_var)
+    if path:
+        return Path(path).read_text().strip()
+    return url
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_url: str = DEFAULT_BROKER_URL
+    database_url: str = DEFAULT_DATABASE_URL
+    model_path: Path = BUNDLED_MODEL
+    device: str = "auto"
+    visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S
+    data_roots: tuple[Path, ...] = field(default_factory=tuple)
+    mc_passes: int = DEFAULT_MC_PASSES
+    seed: int = DEFAULT_SEED
+    max_deliveries: int = 5
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        roots = _env("ASTRONN_DIST_DATA_ROOTS", "") or ""
+        return cls(
+            broker_url=_secret_from_file(
+                _env("ASTRONN_DIST_BROKER_URL", DEFAULT_BROKER_URL), "ASTRONN_DIST_BROKER_URL_FILE"
+            ),
+            database_url=_secret_from_file(
+                _env("ASTRONN_DIST_DATABASE_URL", DEFAULT_DATABASE_URL),
+                "ASTRONN_DIST_DATABASE_URL_FILE",
+            ),
+            model_path=Path(_env("ASTRONN_DIST_MODEL", str(BUNDLED_MODEL))),
+            device=_env("ASTRONN_DIST_DEVICE", "auto"),
+            visibility_timeout_s=int(
+                _env("ASTRONN_DIST_VISIBILITY_TIMEOUT", str(DEFAULT_VISIBILITY_TIMEOUT_S))
+            ),
+            data_roots=tuple(Path(p).resolve() for p in roots.split(os.pathsep) if p),
+            mc_passes=int(_env("ASTRONN_DIST_MC_PASSES", str(DEFAULT_MC_PASSES))),
+            seed=int(_env("ASTRONN_DIST_SEED", str(DEFAULT_SEED))),
+            max_deliveries=int(_env("ASTRONN_DIST_MAX_DELIVERIES", "5")),
+        )
