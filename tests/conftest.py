@@ -1,0 +1,79 @@
+"""Shared fixtures: the real data beside the project and the real services on this machine."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("ASTRONN_DIST_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+TEST_REDIS_URL = os.environ.get("ASTRONN_DIST_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+TEST_POSTGRES_URL = os.environ.get(
+    "ASTRONN_DIST_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def _reachable(url: str) -> bool:
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data``: the real DR17 apStar files and astroNN's model metadata."""
+    if not (SHARED_DATA / "apstar").is_dir():
+        pytest.skip(f"real reference data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def apstar_files(shared_data: Path) -> list[Path]:
+    return sorted((shared_data / "apstar").glob("apStar-*.fits"))
+
+
+@pytest.fixture()
+def redis_url() -> str:
+    """A real Redis, on a database number of its own for this test (flushed before and after)."""
+    import redis
+
+    if not _reachable(TEST_REDIS_URL):
+        pytest.fail(f"Redis is not reachable at {TEST_REDIS_URL}: start it (see README, Testing)")
+    base = TEST_REDIS_URL.rsplit("/", 1)[0]
+    url = f"{base}/{int(os.environ.get('PYTEST_XDIST_WORKER', 'gw0')[2:] or 0) + 5}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture()
+def postgres_url() -> str:
+    """A fresh, empty PostgreSQL database of its own for this test, dropped afterwards."""
+    import sqlalchemy as sa
+
+    if not _reachable(TEST_POSTGRES_URL):
+        pytest.fail(f"PostgreSQL is not reachable at {TEST_POSTGRES_URL}: start it (see README)")
+    admin = sa.create_engine(TEST_POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    name = f"astronn_test_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    yield TEST_POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture()
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'results.sqlite'}"
