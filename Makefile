@@ -1,0 +1,24 @@
+# One command each (see README.md):
+#   make demo   set up and run the main job on embedded defaults (no server: SQLite, in-process)
+#   make test   set up and run the whole test suite against real Redis and PostgreSQL
+SHARED ?= ../shared/data/apstar
+PYTEST_ARGS ?=
+
+.PHONY: demo test setup setup-test bench
+
+setup:
+	bash scripts/bootstrap.sh
+
+setup-test:
+	bash scripts/bootstrap.sh test
+
+demo: setup
+	.venv/bin/astronn-dist run $(SHARED)
+
+test: setup-test
+	bash scripts/services.sh
+	.venv/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: setup-test
+	bash scripts/services.sh
+	.venv/bin/python -m bench
