@@ -1,0 +1,259 @@
+"""One batch of spectra -> one result record per spectrum: the function the task layer calls.
+
+    requests ──read_apstar (thread pool)──> good spectra ──normalize (once)──> (M, 7514)
+             │                                              ──predict (once)──> fakemag, err
+             └─ SpectrumError ─> no-result record           ──compute_distances──> records
+
+Photometry: the request's value (from the catalog / message) first; where it is missing (None,
+non-finite, or outside the validity window of :mod:`worker.distance`, e.g. APOGEE's -9999.99),
+the apStar header's (``K``, ``SFD_EBV``) as read by :func:`worker.spectra.read_apstar`.
+Each star keeps its own photometry all the way through.
+
+Errors: what becomes a record, what propagates
+------------------------------------------------
+Permanent problems of one spectrum become a record with ``FLAG_NO_RESULT`` (so ``flag_bad``),
+NaN numbers and ``error`` = the readable reason; the rest of the batch goes on:
+
+* :class:`worker.spectra.SpectrumError`: missing file, empty/truncated/non-FITS file, missing
+  HDUs, wrong pixel count, no usable pixels, ... (anything about the file's *content*);
+* a network output that is not a finite number (``error`` says so; see worker.distance).
+
+Transient or infrastructure problems propagate, so that the task layer retries the whole batch
+(it is idempotent: the same spectra give the same rows):
+
+* ``OSError`` while reading whose errno says the storage, not the file, failed (EIO, ESTALE,
+  ETIMEDOUT, EAGAIN, EBUSY, EMFILE/ENFILE, ENOMEM, network-down errnos; see
+  :data:`TRANSIENT_ERRNOS`), including one that the reader wrapped in a SpectrumError: the
+  OSError found in its ``__cause__`` chain is re-raised;
+* ``MemoryError``, ``torch.cuda.OutOfMemoryError`` and any other exception raised by
+  normalization or prediction (these affect the batch, not one spectrum);
+* any other unexpected exception from the reader (a bug, not bad data).
+
+Timing: ``t_elapsed`` is the batch's wall time (reading, normalization, inference, distances)
+divided by the number of requests: in a batched pipeline a per-spectrum share is the honest figure.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from worker import PIPELINE_VERSION
+from worker.continuum import normalize
+from worker.distance import FLAG_NO_RESULT, compute_distances, flags_summary, validate_photometry
+from worker.spectra import Spectrum, SpectrumError, read_apstar
+
+if TYPE_CHECKING:  # the pipeline itself never needs torch; the predictor brings it
+    from worker.inference import Predictor
+
+READ_THREADS = 4
+"""Threads reading apStar files. Local disks gain little (FITS parsing holds the GIL); network
+file systems (NFS, Lustre), where a read waits on latency, gain nearly linearly."""
+
+TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EIO", "ESTALE", "ETIMEDOUT", "EAGAIN", "EINTR", "EBUSY", "EMFILE", "ENFILE", "ENOMEM",
+        "ENOLCK", "ECONNRESET", "ECONNABORTED", "ENETDOWN", "ENETUNREACH", "EHOSTDOWN",
+        "EHOSTUNREACH", "EREMOTEIO", "ECOMM",
+    )
+    if hasattr(errno, name)
+)
+"""errno values meaning "the storage failed, try again later", not "this file is bad"."""
+
+NON_FINITE_PREDICTION = "the network returned a non-finite fakemag for this spectrum"
+
+
+@dataclass(frozen=True)
+class SpectrumRequest:
+    """One spectrum to process, as the message carries it.
+
+    k_mag, ebv: catalog 2MASS Ks and E(B-V) [mag]; None (or NaN) = use the apStar header's.
+    """
+
+    spectrum_id: str
+    path: str
+    k_mag: float | None = None
+    ebv: float | None = None
+
+
+@dataclass
+class ResultRecord:
+    """One row of ``astro_nn_dist``. Floats may be NaN (stored as NULL by :meth:`as_row`).
+
+    t_elapsed [s per spectrum]; k_mag, ebv, a_k_mag [mag] as used (missing -> 0; NaN when there
+    is no result); L_fakemag, L_fakemag_err [fakemag units]; dist, dist_err [pc].
+    """
+
+    spectrum_id: str
+    path: str
+    model_id: str
+    pipeline_version: str
+    t_elapsed: float
+    k_mag: float
+    ebv: float
+    a_k_mag: float
+    L_fakemag: float
+    L_fakemag_err: float
+    dist: float
+    dist_err: float
+    result_flags: int
+    flag_warn: bool
+    flag_bad: bool
+    error: str | None
+    mc_passes: int
+    seed: int
+
+    def as_row(self) -> dict[str, Any]:
+        """Plain Python values for the database: NaN/inf floats become None."""
+        row = asdict(self)
+        for key, value in row.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                row[key] = None
+        return row
+
+
+def _transient_cause(exc: BaseException) -> BaseException | None:
+    """The transient OSError/MemoryError behind ``exc`` (itself or its cause chain), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, MemoryError):
+            return current
+        if (
+            isinstance(current, OSError)
+            and not isinstance(current, SpectrumError)
+            and current.errno in TRANSIENT_ERRNOS
+        ):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _read(path: str) -> Spectrum | SpectrumError:
+    """Read one file; a permanent failure is returned, a transient one raised."""
+    try:
+        return read_apstar(path)
+    except SpectrumError as exc:
+        cause = _transient_cause(exc)
+        if cause is not None:
+            raise cause from exc
+        return exc
+
+
+def _read_all(paths: Sequence[str], threads: int) -> list[Spectrum | SpectrumError]:
+    if threads <= 1 or len(paths) <= 1:
+        return [_read(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(threads, len(paths))) as pool:
+        # map() keeps the order and re-raises the first transient error in order.
+        return list(pool.map(_read, paths))
+
+
+def _choose(request_value: float | None, header_value: float | None, *, is_k: bool) -> float:
+    """The request's photometry if present and valid, else the header's, else NaN (missing)."""
+    req = np.nan if request_value is None else float(request_value)
+    k_missing, ebv_missing = validate_photometry([req if is_k else 0.0], [np.nan if is_k else req])
+    missing = bool(k_missing[0]) if is_k else bool(ebv_missing[0])
+    if not missing or header_value is None:
+        return req
+    return float(header_value)
+
+
+def process_batch(
+    requests: Sequence[SpectrumRequest], predictor: Predictor, *, read_threads: int = READ_THREADS
+) -> list[ResultRecord]:
+    """Distances for a batch of spectra: one record per request, in request order.
+
+    Args:
+        requests: the spectra, each with its own identity, path and (optional) photometry.
+        predictor: a loaded :class:`worker.inference.Predictor` (its model_id, mc_passes and
+            seed go into every record).
+        read_threads: threads reading files (1 = read in this thread).
+
+    Returns:
+        ``len(requests)`` records; unreadable spectra get a no-result record with the reason.
+
+    Raises:
+        OSError, MemoryError, torch errors, ...: transient failures (see the module docstring);
+        the task layer retries the batch.
+    """
+    t0 = time.perf_counter()
+    loaded = _read_all([r.path for r in requests], read_threads)
+    good = [i for i, item in enumerate(loaded) if isinstance(item, Spectrum)]
+
+    common = {
+        "model_id": predictor.model_id,
+        "pipeline_version": PIPELINE_VERSION,
+        "mc_passes": int(predictor.mc_passes),
+        "seed": int(predictor.seed),
+    }
+    records: list[ResultRecord | None] = [None] * len(requests)
+
+    if good:
+        spectra: list[Spectrum] = [loaded[i] for i in good]  # type: ignore[misc]
+        flux = np.stack([s.flux for s in spectra])  # (M, 8575)
+        err = np.stack([s.err for s in spectra])
+        bitmask = np.stack([s.bitmask for s in spectra])
+        norm_flux, _ = normalize(flux, err, bitmask)  # (M, 7514)
+        prediction = predictor.predict(norm_flux, [requests[i].spectrum_id for i in good])
+        k_mag = [_choose(requests[i].k_mag, s.k_mag, is_k=True) for i, s in zip(good, spectra)]
+        ebv = [_choose(requests[i].ebv, s.ebv, is_k=False) for i, s in zip(good, spectra)]
+        fakemag = np.asarray(prediction.fakemag, dtype=np.float64)
+        fakemag_err = np.asarray(prediction.fakemag_err, dtype=np.float64)
+        dist = compute_distances(fakemag, fakemag_err, k_mag, ebv)
+        for j, i in enumerate(good):
+            flags = int(dist.result_flags[j])
+            records[i] = ResultRecord(
+                spectrum_id=requests[i].spectrum_id,
+                path=requests[i].path,
+                t_elapsed=math.nan,  # filled in below, once the batch's time is known
+                k_mag=float(dist.k_mag[j]),
+                ebv=float(dist.ebv[j]),
+                a_k_mag=float(dist.a_k_mag[j]),
+                L_fakemag=float(fakemag[j]),
+                L_fakemag_err=float(fakemag_err[j]),
+                dist=float(dist.dist[j]),
+                dist_err=float(dist.dist_err[j]),
+                result_flags=flags,
+                flag_warn=bool(dist.flag_warn[j]),
+                flag_bad=bool(dist.flag_bad[j]),
+                error=NON_FINITE_PREDICTION if flags & FLAG_NO_RESULT else None,
+                **common,
+            )
+
+    no_result_warn, no_result_bad = flags_summary(FLAG_NO_RESULT)
+    for i, item in enumerate(loaded):
+        if isinstance(item, SpectrumError):
+            records[i] = ResultRecord(
+                spectrum_id=requests[i].spectrum_id,
+                path=requests[i].path,
+                t_elapsed=math.nan,
+                k_mag=math.nan,
+                ebv=math.nan,
+                a_k_mag=math.nan,
+                L_fakemag=math.nan,
+                L_fakemag_err=math.nan,
+                dist=math.nan,
+                dist_err=math.nan,
+                result_flags=FLAG_NO_RESULT,
+                flag_warn=no_result_warn,
+                flag_bad=no_result_bad,
+                error=item.reason,
+                **common,
+            )
+
+    per_spectrum = (time.perf_counter() - t0) / max(len(requests), 1)
+    out: list[ResultRecord] = []
+    for record in records:
+        assert record is not None  # every request is either good or a SpectrumError
+        record.t_elapsed = per_spectrum
+        out.append(record)
+    return out
