@@ -1,0 +1,291 @@
+"""Spectrum requests -> chunked JSON messages on the Redis queue, skipping what is already done.
+
+    requests ──skip those with a row for this model (unless force)──> chunks of N
+             ──worker.messages.make_message──> send_task("astronn_dist.process", queue="astronn_dist")
+
+One broker connection and one kombu producer for the whole run: publishing a message is then a
+single Redis LPUSH, and a chunk of 128 spectra costs about as much as a message of one.
+
+Never imports torch: the model id comes from the checkpoint file's bytes (:func:`model_id_of`).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from worker.config import QUEUE, TASK_NAME, Settings
+from worker.messages import MAX_CHUNK, make_message
+from worker.pipeline import SpectrumRequest
+
+if TYPE_CHECKING:
+    import redis
+    from celery import Celery
+    from sqlalchemy.engine import Engine
+
+DEFAULT_CHUNK_SIZE = 128
+"""Spectra per message: big enough that queue overhead vanishes next to a GPU batch (a worker
+takes a few hundred messages per second), small enough that a redelivered chunk is cheap."""
+
+_HASH_BLOCK = 1 << 20
+
+
+class BrokerError(RuntimeError):
+    """The broker cannot be reached or refused the message; the text says where and what to do."""
+
+
+def model_id_of(path: str | Path) -> str:
+    """The model id of a checkpoint, as :func:`worker.model.load_model` computes it:
+    ``f"{file stem}-{sha256(file bytes)[:12]}"``, without importing torch.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+    """
+    path = Path(path)
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(_HASH_BLOCK), b""):
+            digest.update(block)
+    return f"{path.stem}-{digest.hexdigest()[:12]}"
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password (``user:PASSWORD@``, ``?password=``) replaced by ``***``,
+    for anything printed or logged."""
+    scheme, sep, rest = url.partition("://")
+    if sep and not rest.startswith("/"):
+        userinfo, at, hostpart = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        if at and colon:
+            rest = f"{user}:***@{hostpart}"
+    masked = f"{scheme}{sep}{rest}"
+    return re.sub(r"(?i)([?&](?:password|passwd|pwd)=)[^&]*", r"\1***", masked)
+
+
+def chunks(requests: Sequence[SpectrumRequest], size: int) -> Iterator[Sequence[SpectrumRequest]]:
+    """Consecutive slices of at most ``size`` requests (1 <= size <= MAX_CHUNK)."""
+    if not 1 <= size <= MAX_CHUNK:
+        raise ValueError(f"chunk size must be between 1 and {MAX_CHUNK}, got {size}")
+    for start in range(0, len(requests), size):
+        yield requests[start : start + size]
+
+
+def split_done(
+    requests: Sequence[SpectrumRequest], engine: Engine, model_id: str
+) -> tuple[list[SpectrumRequest], list[SpectrumRequest]]:
+    """(to do, already done): a request is done when the results table has a row for its
+    spectrum_id and ``model_id`` (whatever the row's outcome; ``requeue`` redoes failures).
+
+    A database without the results table yet has nothing done.
+    """
+    import sqlalchemy as sa
+
+    if not sa.inspect(engine).has_table("astro_nn_dist"):
+        return list(requests), []
+    from worker.results import existing_spectrum_ids
+
+    done = existing_spectrum_ids(engine, model_id, [r.spectrum_id for r in requests])
+    todo = [r for r in requests if r.spectrum_id not in done]
+    skipped = [r for r in requests if r.spectrum_id in done]
+    return todo, skipped
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """A redis-py client on the broker (for the queue's length, contents and the watch state)."""
+    import redis
+
+    return redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5, socket_timeout=30)
+
+
+def queued_spectrum_ids(client: redis.Redis, page: int = 1000) -> set[str]:
+    """The spectrum_ids in messages waiting on the queue or delivered and not yet acknowledged
+    (kombu keeps those in the ``unacked`` hash until the task returns).
+
+    Reads kombu's Redis envelopes and the Celery protocol v2 body ``[args, kwargs, embed]``;
+    messages of any other shape are ignored. Cost: the whole queue crosses the network once.
+    """
+    envelopes: list[Any] = []
+    length = client.llen(QUEUE)
+    for start in range(0, length, page):
+        envelopes.extend(json.loads(raw) for raw in client.lrange(QUEUE, start, start + page - 1))
+    for raw in client.hvals("unacked"):
+        delivered = json.loads(raw)  # [message, exchange, routing_key]
+        if isinstance(delivered, list) and delivered:
+            envelopes.append(delivered[0])
+    ids: set[str] = set()
+    for envelope in envelopes:
+        try:
+            body = envelope["body"]
+            if envelope.get("properties", {}).get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            _, kwargs, _ = json.loads(body)
+            ids.update(s["spectrum_id"] for s in kwargs["spectra"])
+        except (KeyError, TypeError, ValueError):
+            continue  # not one of ours
+    return ids
+
+
+def provenance(source: str, model_id: str | None = None) -> dict[str, Any]:
+    """What a message says about where it came from (stored by nobody; read in the logs)."""
+    out: dict[str, Any] = {
+        "producer": socket.gethostname(),
+        "source": source[:1024],
+        "enqueued_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if model_id is not None:
+        out["model_id"] = model_id
+    return out
+
+
+class Publisher:
+    """Sends chunks to the queue over one connection; use as a context manager.
+
+    ``app`` defaults to the service's Celery app (:func:`worker.app.make_app`), so the message
+    has exactly the routing, serializer and headers the workers expect.
+    """
+
+    def __init__(self, settings: Settings, app: Celery | None = None) -> None:
+        if app is None:
+            from worker.app import make_app
+
+            app = make_app(settings)
+        self.app = app
+        self.settings = settings
+        self.messages = 0
+        self.spectra = 0
+        self._producer_cm: Any = None
+        self._producer: Any = None
+
+    def __enter__(self) -> Publisher:
+        connection = self.app.connection_for_write()
+        try:
+            connection.ensure_connection(max_retries=1, timeout=5)
+        except Exception as exc:
+            connection.release()
+            raise BrokerError(
+                f"cannot reach the broker at {mask_url(self.settings.broker_url)} "
+                f"({type(exc).__name__}: {exc}); start Redis or set ASTRONN_DIST_BROKER_URL"
+            ) from exc
+        connection.release()
+        self._producer_cm = self.app.producer_or_acquire()
+        self._producer = self._producer_cm.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._producer_cm is not None:
+            self._producer_cm.__exit__(*exc_info)
+        self._producer_cm = self._producer = None
+
+    def publish(self, chunk: Sequence[SpectrumRequest], extra: dict[str, Any] | None = None) -> str:
+        """Send one message carrying ``chunk``; returns its task id."""
+        if self._producer is None:
+            raise RuntimeError("Publisher.publish outside its 'with' block")
+        message = make_message(chunk, extra)
+        result = self.app.send_task(
+            TASK_NAME, kwargs=message, queue=QUEUE, producer=self._producer
+        )
+        self.messages += 1
+        self.spectra += len(chunk)
+        return result.id
+
+
+@dataclass
+class EnqueueReport:
+    """What :func:`enqueue` did, in spectra: found; skipped (a row exists for the model);
+    queued (already on the queue, with ``skip_queued``); enqueued, in ``messages`` messages.
+    seconds: wall time of the checks plus publishing."""
+
+    found: int
+    skipped: int
+    queued: int
+    enqueued: int
+    messages: int
+    seconds: float
+    model_id: str
+
+    @property
+    def rate(self) -> float:
+        """Spectra enqueued per second."""
+        return self.enqueued / self.seconds if self.seconds > 0 else float("inf")
+
+
+def enqueue(
+    requests: Sequence[SpectrumRequest],
+    settings: Settings,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    force: bool = False,
+    source: str = "produce",
+    engine: Engine | None = None,
+    app: Celery | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    skip_queued: bool = False,
+) -> EnqueueReport:
+    """Put ``requests`` on the queue in chunks, skipping those already done for the model.
+
+    Args:
+        requests: what to process (from :mod:`producer.catalog`).
+        settings: broker and database URLs, and the model (its id decides what is "done").
+        chunk_size: spectra per message (1..MAX_CHUNK).
+        force: enqueue everything, even spectra with a row for this model.
+        source: provenance text (e.g. the catalog's path).
+        engine, app: reuse an open database engine / Celery app (default: from settings).
+        on_progress: called with the number of spectra of each message sent.
+        skip_queued: also skip spectra already waiting on the queue or being processed
+            (``reconcile``; reads the whole queue once).
+
+    Raises:
+        BrokerError: Redis unreachable. FileNotFoundError: the model checkpoint is missing.
+    """
+    t0 = time.perf_counter()
+    model_id = model_id_of(settings.model_path)
+    if not 1 <= chunk_size <= MAX_CHUNK:
+        raise ValueError(f"chunk size must be between 1 and {MAX_CHUNK}, got {chunk_size}")
+    skipped: list[SpectrumRequest] = []
+    todo: Sequence[SpectrumRequest] = requests
+    if not force and requests:
+        own_engine = engine is None
+        if engine is None:
+            from worker.results import make_engine
+
+            engine = make_engine(settings.database_url)
+        try:
+            todo, skipped = split_done(requests, engine, model_id)
+        finally:
+            if own_engine:
+                engine.dispose()
+    extra = provenance(source, model_id)
+    queued = 0
+    with Publisher(settings, app) as publisher:
+        if skip_queued and todo:
+            client = redis_client(settings)
+            try:
+                in_queue = queued_spectrum_ids(client)
+            finally:
+                client.close()
+            before = len(todo)
+            todo = [r for r in todo if r.spectrum_id not in in_queue]
+            queued = before - len(todo)
+        for chunk in chunks(todo, chunk_size):
+            publisher.publish(chunk, extra)
+            if on_progress is not None:
+                on_progress(len(chunk))
+        messages = publisher.messages
+    return EnqueueReport(
+        found=len(requests),
+        skipped=len(skipped),
+        queued=queued,
+        enqueued=len(todo),
+        messages=messages,
+        seconds=time.perf_counter() - t0,
+        model_id=model_id,
+    )
