@@ -193,10 +193,14 @@ def _photometry(values: np.ndarray) -> list[float | None]:
     return [float(v) if ok else None for v, ok in zip(values.tolist(), finite.tolist())]
 
 
-def _absolute(path: str, base: Path) -> str:
+def _absolute(path: str, base: str | Path) -> str:
     """``path`` made absolute against ``base`` and normalized, without resolving symlinks
     (a symlinked mount keeps the name that workers on other machines also see)."""
-    return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
+    if path.startswith("~"):
+        path = os.path.expanduser(path)
+    if not path.startswith(os.sep):
+        path = f"{base}{os.sep}{path}"
+    return os.path.normpath(path)
 
 
 def read_catalog(catalog: str | Path) -> list[SpectrumRequest]:
@@ -246,7 +250,7 @@ def read_catalog(catalog: str | Path) -> list[SpectrumRequest]:
         else:
             photometry[key] = [None] * n
 
-    base = catalog.resolve().parent
+    base = str(catalog.resolve().parent)
     requests: list[SpectrumRequest] = []
     first_row: dict[str, tuple[int, SpectrumRequest]] = {}
     for row, (path, sid, k_mag, ebv) in enumerate(
@@ -281,7 +285,7 @@ def scan_spectra(root: str | Path) -> Iterator[SpectrumFile]:
 
     ``spectrum_id`` is the path relative to ``root``, with ``/`` separators.
     """
-    root_abs = _absolute(str(root), Path.cwd())
+    root_abs = _absolute(str(root), os.getcwd())
     stack = [root_abs]
     while stack:
         folder = stack.pop()
@@ -331,8 +335,8 @@ def find_spectra(paths: Sequence[str | Path]) -> list[SpectrumRequest]:
     found: dict[str, SpectrumRequest] = {}
 
     def add(path: str, base: str) -> None:
-        absolute = _absolute(path, Path.cwd())
-        sid = os.path.relpath(absolute, _absolute(base, Path.cwd())).replace(os.sep, "/")
+        absolute = _absolute(path, os.getcwd())
+        sid = os.path.relpath(absolute, _absolute(base, os.getcwd())).replace(os.sep, "/")
         found.setdefault(absolute, SpectrumRequest(spectrum_id=sid, path=absolute))
 
     for item in map(str, paths):
