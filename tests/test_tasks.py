@@ -1,0 +1,288 @@
+"""The task layer: message validation, the Celery app's settings, process_chunk on real files
+and a real database, and a real worker refusing a pickled message."""
+
+from __future__ import annotations
+
+import json
+import math
+import ssl
+import uuid
+from pathlib import Path
+
+import pytest
+
+from worker.app import broker_ssl_options, broker_transport_options, make_app, restore_interval_s
+from worker.config import QUEUE, TASK_NAME, Settings
+from worker.messages import (
+    MAX_CHUNK,
+    MAX_ID_CHARS,
+    MAX_PATH_CHARS,
+    MessageError,
+    make_message,
+    parse_message,
+    split_message,
+)
+from worker.pipeline import SpectrumRequest
+
+
+def _entry(i: int = 0, **over: object) -> dict:
+    entry = {"spectrum_id": f"s{i}", "path": f"/data/s{i}.fits", "k_mag": 10.0, "ebv": 0.1}
+    entry.update(over)
+    return entry
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages
+
+
+def test_valid_message_gives_requests_in_order() -> None:
+    msg = {"spectra": [_entry(0), _entry(1, k_mag=None, ebv=None), _entry(2, k_mag=9)]}
+    assert parse_message(msg) == [
+        SpectrumRequest("s0", "/data/s0.fits", 10.0, 0.1),
+        SpectrumRequest("s1", "/data/s1.fits", None, None),
+        SpectrumRequest("s2", "/data/s2.fits", 9.0, 0.1),
+    ]
+
+
+def test_photometry_keys_are_optional() -> None:
+    (req,) = parse_message({"spectra": [{"spectrum_id": "a", "path": "/x.fits"}]})
+    assert req.k_mag is None and req.ebv is None
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_photometry_is_missing(value: float) -> None:
+    # Python's json writes and reads NaN/Infinity, so such messages do arrive.
+    payload = json.loads(json.dumps({"spectra": [_entry(k_mag=value, ebv=value)]}))
+    (req,) = parse_message(payload)
+    assert req.k_mag is None and req.ebv is None
+
+
+def test_out_of_window_photometry_is_kept_for_the_distance_step_to_flag() -> None:
+    (req,) = parse_message({"spectra": [_entry(k_mag=-9999.99, ebv=99.0)]})
+    assert req.k_mag == -9999.99 and req.ebv == 99.0
+
+
+@pytest.mark.parametrize(
+    ("over", "expected"),
+    [
+        ({"k_mag": "9.8"}, "k_mag must be a number or null, got str"),
+        ({"ebv": True}, "ebv must be a number or null, got bool"),
+        ({"ebv": [0.1]}, "ebv must be a number or null, got list"),
+        ({"k_mag": 10**400}, "photometry out of range"),
+        ({"spectrum_id": 42}, "spectrum_id must be a string, got int"),
+        ({"spectrum_id": ""}, "spectrum_id must not be empty"),
+        ({"spectrum_id": "x" * (MAX_ID_CHARS + 1)}, f"at most {MAX_ID_CHARS} allowed"),
+        ({"path": None}, "path must be a string, got null"),
+        ({"path": "/a" * MAX_PATH_CHARS}, f"at most {MAX_PATH_CHARS} allowed"),
+        ({"path": "/data/a\x00b"}, "path contains a NUL character"),
+        ({"kmag": 10.0}, "unknown key(s) kmag"),
+    ],
+)
+def test_bad_entries_are_refused_with_the_reason(over: dict, expected: str) -> None:
+    msg = {"spectra": [_entry(0), _entry(1, **over)]}
+    with pytest.raises(MessageError, match="entry 1: ") as info:
+        parse_message(msg)
+    assert expected in str(info.value)
+    # split_message keeps the good one and says why the other is out.
+    parsed = split_message(msg)
+    assert [r.spectrum_id for r in parsed.requests] == ["s0"]
+    (bad,) = parsed.invalid
+    assert bad.index == 1 and expected in bad.reason
+
+
+def test_missing_keys_are_named() -> None:
+    with pytest.raises(MessageError, match=r"entry 0: missing key\(s\) spectrum_id, path"):
+        parse_message({"spectra": [{"k_mag": 1.0}]})
+
+
+def test_invalid_entries_keep_a_usable_spectrum_id_for_their_row() -> None:
+    parsed = split_message({"spectra": [_entry(0, k_mag="x"), {"spectrum_id": 5, "path": "/p"}, 7]})
+    assert parsed.requests == []
+    assert [(i.spectrum_id, i.path) for i in parsed.invalid] == [
+        ("s0", "/data/s0.fits"), (None, "/p"), (None, None)
+    ]
+
+
+def test_a_repeated_spectrum_id_gets_one_row() -> None:
+    msg = {"spectra": [_entry(0, k_mag="bad"), _entry(0), _entry(0, path="/other.fits")]}
+    parsed = split_message(msg)
+    # The valid entry claims the id; the invalid one and the copy are refused without a row.
+    assert [r.path for r in parsed.requests] == ["/data/s0.fits"]
+    assert [i.spectrum_id for i in parsed.invalid] == [None, None]
+    assert "appears more than once" in parsed.invalid[1].reason
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ([_entry()], "must be an object with key 'spectra', got list"),
+        ({"stars": []}, "must have key 'spectra'"),
+        ({"spectra": {"a": 1}}, "'spectra' must be a list, got dict"),
+        ({"spectra": []}, "'spectra' is empty"),
+        ({"spectra": [_entry(i) for i in range(MAX_CHUNK + 1)]}, f"at most {MAX_CHUNK} per message"),
+        ({"spectra": [_entry()], "provenance": "me"}, "provenance must be an object"),
+        ({"spectra": [_entry()], "note": {"a": 1}}, "provenance field 'note' must be a string"),
+        ({"spectra": [_entry()], "note": "x" * 2000}, "at most 1024 allowed"),
+        ({"spectra": [_entry()], **{f"k{i}": i for i in range(40)}}, "at most 32 allowed"),
+    ],
+)
+def test_bad_messages_are_refused_as_a_whole(payload: object, expected: str) -> None:
+    with pytest.raises(MessageError) as info:
+        split_message(payload)
+    assert expected in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_provenance_is_returned() -> None:
+    parsed = split_message(
+        {"spectra": [_entry()], "provenance": {"source": "cat.csv", "model_id": "m-1"}, "n": 3}
+    )
+    assert parsed.provenance == {"n": 3, "source": "cat.csv", "model_id": "m-1"}
+
+
+def test_data_roots(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "link").symlink_to(tmp_path)  # a symlink inside the root is the operator's choice
+    ok = [str(root / "a.fits"), str(root / "link" / "b.fits")]
+    out = [str(tmp_path / "c.fits"), str(root / ".." / "d.fits"), "/etc/passwd"]
+    entries = [{"spectrum_id": p, "path": p} for p in ok + out]
+    parsed = split_message({"spectra": entries}, data_roots=[root.resolve()])
+    assert [r.path for r in parsed.requests] == ok
+    assert [i.path for i in parsed.invalid] == out
+    assert all("outside the allowed data roots" in i.reason for i in parsed.invalid)
+
+
+def test_make_message_round_trips_as_strict_json() -> None:
+    reqs = [SpectrumRequest("a", "/a.fits", 9.5, math.nan), SpectrumRequest("b", "/b.fits")]
+    msg = make_message(reqs, {"source": "test"})
+    text = json.dumps(msg, allow_nan=False)  # NaN went out as null
+    assert parse_message(json.loads(text)) == [
+        SpectrumRequest("a", "/a.fits", 9.5, None), SpectrumRequest("b", "/b.fits", None, None)
+    ]
+    with pytest.raises(MessageError):
+        make_message([SpectrumRequest("", "/a.fits")])
+
+
+# ---------------------------------------------------------------------------------------------
+# The Celery app
+
+
+def test_app_settings() -> None:
+    settings = Settings(broker_url="redis://:s3cr%40t@redis.example:6380/4", visibility_timeout_s=120)
+    app = make_app(settings)
+    conf = app.conf
+    assert conf.task_serializer == "json" and list(conf.accept_content) == ["json"]
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1 and conf.worker_disable_prefetch
+    assert conf.result_backend is None and conf.task_ignore_result
+    assert conf.task_default_queue == QUEUE and conf.task_routes[TASK_NAME]["queue"] == QUEUE
+    assert conf.broker_connection_retry_on_startup
+    assert conf.worker_send_task_events and conf.task_send_sent_event
+    assert conf.broker_transport_options["visibility_timeout"] == 120
+    assert conf.result_backend_transport_options["visibility_timeout"] == 120
+    assert app.astronn_settings is settings
+    conn = app.connection_for_write()
+    # The password is decoded from the URL; the transport gets the options.
+    assert conn.password == "s3cr@t" and conn.hostname == "redis.example" and conn.port == 6380
+    assert conn.transport_options["visibility_timeout"] == 120
+    assert conn.ssl in (False, None)
+
+
+def test_visibility_timeout_sweeps_are_bounded_by_it() -> None:
+    opts = broker_transport_options(Settings(visibility_timeout_s=5))
+    assert opts == {
+        "visibility_timeout": 5,
+        "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
+        "unacked_mutex_expire": 5,
+    }
+    assert restore_interval_s(1800) == 10 and restore_interval_s(60) == 6
+    with pytest.raises(ValueError, match="VISIBILITY_TIMEOUT"):
+        broker_transport_options(Settings(visibility_timeout_s=0))
+
+
+def test_rediss_url_gets_certificate_checks() -> None:
+    assert broker_ssl_options("redis://localhost:6379/0") is None
+    assert broker_ssl_options("rediss://:pw@host:6380/0") == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    assert broker_ssl_options(
+        "rediss://host/0?ssl_cert_reqs=none&ssl_ca_certs=/etc/ca.pem"
+    ) == {"ssl_cert_reqs": ssl.CERT_NONE, "ssl_ca_certs": "/etc/ca.pem"}
+    with pytest.raises(ValueError, match="ssl_cert_reqs='maybe'"):
+        broker_ssl_options("rediss://host/0?ssl_cert_reqs=maybe")
+    app = make_app(Settings(broker_url="rediss://:pw@host:6380/0?ssl_cert_reqs=optional"))
+    assert app.connection_for_write().ssl["ssl_cert_reqs"] == ssl.CERT_OPTIONAL
+
+
+def test_importing_the_app_does_not_import_torch_or_the_task() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, worker.app; print('torch' in sys.modules, 'worker.tasks' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers of the task and the worker launcher
+
+
+def test_retry_countdown_grows_is_jittered_and_stays_below_the_visibility_timeout() -> None:
+    from worker.tasks import RETRY_BACKOFF_BASE_S, retry_countdown
+
+    for retries in range(12):
+        values = [retry_countdown(retries, 1800) for _ in range(200)]
+        ceiling = min(300.0, RETRY_BACKOFF_BASE_S * 2**retries)
+        assert all(ceiling / 2 <= v <= ceiling for v in values)
+        assert len(set(values)) > 1
+    assert max(retry_countdown(20, 10) for _ in range(100)) <= 5
+
+
+def test_device_for_process() -> None:
+    from worker.tasks import device_for_process
+
+    assert [device_for_process("cuda:0,cuda:1", i, 2) for i in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert [device_for_process("cuda", i, 4) for i in range(5)] == [f"cuda:{i % 4}" for i in range(5)]
+    assert device_for_process("auto", 3, 0) == "auto"
+    assert device_for_process("cuda:2", 5, 4) == "cuda:2"
+    assert device_for_process("cpu", 1, 8) == "cpu"
+
+
+def test_plan_worker() -> None:
+    from worker.serve import plan_worker
+
+    cpu = plan_worker("auto", None, n_gpus=0, cores=16)
+    assert (cpu.device, cpu.concurrency, cpu.threads_per_process) == ("cpu", 1, 16)
+    assert plan_worker("cpu", 4, n_gpus=2, cores=16).threads_per_process == 4
+    assert plan_worker("cpu", 32, n_gpus=0, cores=16).threads_per_process == 1
+    gpus = plan_worker("auto", None, n_gpus=4, cores=16)
+    assert (gpus.device, gpus.concurrency, gpus.threads_per_process) == (
+        "cuda:0,cuda:1,cuda:2,cuda:3", 4, 4
+    )
+    one = plan_worker("cuda:1", None, n_gpus=2, cores=8)
+    assert (one.device, one.concurrency) == ("cuda:1", 1)
+    with pytest.raises(ValueError, match="no CUDA device is visible"):
+        plan_worker("cuda", None, n_gpus=0, cores=4)
+    with pytest.raises(ValueError, match="only 2 CUDA device"):
+        plan_worker("cuda:2", None, n_gpus=2, cores=4)
+    with pytest.raises(ValueError, match="at least 1"):
+        plan_worker("cpu", 0, n_gpus=0, cores=4)
+
+
+def test_database_unavailable_is_told_from_other_errors(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    from worker.tasks import database_unavailable
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.sqlite'}")
+    with pytest.raises(sa.exc.OperationalError) as unreachable:
+        engine.connect()
+    assert database_unavailable(unreachable.value)
+    ok = sa.create_engine(f"sqlite:///{tmp_path / 'ok.sqlite'}")
+    with ok.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE t (k TEXT PRIMARY KEY)"))
+        conn.execute(sa.text("INSERT INTO t VALUES ('a')"))
+    with pytest.raises(sa.exc.IntegrityError) as duplicate, ok.begin() as conn:
+        conn.execute(sa.text("INSERT INTO t VALUES ('a')"))
+    assert not database_unavailable(duplicate.value)
+    assert not database_unavailable(OSError(5, "EIO"))

@@ -1,0 +1,174 @@
+"""Start a Celery worker on queue ``astronn_dist``: processes, devices and threads.
+
+``astronn-dist worker [--device auto|cpu|cuda|cuda:N] [--concurrency N] [--model PATH]`` calls
+:func:`run_worker`, which is ``celery -A worker.app worker -Q astronn_dist -P prefork -c N`` with
+the choices below made for the hardware.
+
+Processes: the prefork pool (one OS process per concurrent chunk; the model and a batch live in
+each process's memory, and a chunk that crashes its process takes nothing else down).
+
+* With CUDA: one process per GPU by default, process i on ``cuda:i`` (by pool process index; a
+  replacement process takes the index, hence the GPU, of the one it replaces). This parent never
+  touches CUDA: a CUDA context does not survive fork, so the GPU count comes from a short-lived
+  subprocess, and each pool process opens its own device when it loads the model.
+* On CPU: one process by default, with all cores as torch threads. Inference on a batch is a few
+  large convolutions and matrix products, which torch spreads over all cores well; N processes
+  would hold N models and N batches and, if each used all cores too, oversubscribe them. With
+  ``--concurrency N`` (e.g. where reading files, which is single-threaded, dominates) each process
+  gets ``cores // N`` threads (``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, read by torch at import in
+  the pool process), unless the environment already sets them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from worker.config import QUEUE, Settings
+
+log = logging.getLogger(__name__)
+
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How to run: the device spec each pool process resolves (``cuda:0,cuda:1`` = process i
+    takes item i), the number of processes, and torch threads per process."""
+
+    device: str
+    concurrency: int
+    threads_per_process: int
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (the affinity mask, e.g. a container's or a SLURM job's
+    allocation, rather than the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def gpu_count(timeout_s: float = 120.0) -> int:
+    """Number of CUDA devices torch sees, asked in a subprocess so this process never initializes
+    CUDA (it will fork the pool). 0 when torch has no CUDA or the probe fails."""
+    probe = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=timeout_s, check=True
+        )
+        return int(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
+        log.warning("could not count CUDA devices (%s); assuming none", exc)
+        return 0
+
+
+def plan_worker(device: str, concurrency: int | None, *, n_gpus: int, cores: int) -> WorkerPlan:
+    """Choose device assignment, process count and threads (pure; see the module docstring).
+
+    Raises:
+        ValueError: a CUDA device was asked for that is not there, or concurrency < 1.
+    """
+    if concurrency is not None and concurrency < 1:
+        raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
+    spec = (device or "auto").strip().lower()
+    if spec == "auto":
+        spec = "cuda" if n_gpus > 0 else "cpu"
+    if spec == "cuda":
+        if n_gpus < 1:
+            raise ValueError("--device cuda: no CUDA device is visible (use --device cpu or auto)")
+        n = concurrency or n_gpus
+        devices = ",".join(f"cuda:{i}" for i in range(n_gpus))
+        return WorkerPlan(devices, n, max(1, cores // n))
+    if spec.startswith("cuda:"):
+        try:
+            index = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"--device {device!r}: expected cuda:N with N a number") from None
+        if index >= n_gpus:
+            raise ValueError(
+                f"--device {device}: only {n_gpus} CUDA device(s) visible (cuda:0..cuda:{n_gpus - 1})"
+                if n_gpus else f"--device {device}: no CUDA device is visible"
+            )
+        n = concurrency or 1
+        return WorkerPlan(spec, n, max(1, cores // n))
+    n = concurrency or 1
+    return WorkerPlan(spec, n, max(1, cores // n))
+
+
+def worker_environment(settings: Settings, plan: WorkerPlan) -> dict[str, str]:
+    """Environment variables for the worker and its pool processes: the settings (so a process
+    started by any method reads the same), and thread counts unless already set."""
+    env = {
+        "ASTRONN_DIST_BROKER_URL": settings.broker_url,
+        "ASTRONN_DIST_DATABASE_URL": settings.database_url,
+        "ASTRONN_DIST_MODEL": str(settings.model_path),
+        "ASTRONN_DIST_DEVICE": plan.device,
+        "ASTRONN_DIST_VISIBILITY_TIMEOUT": str(settings.visibility_timeout_s),
+        "ASTRONN_DIST_MC_PASSES": str(settings.mc_passes),
+        "ASTRONN_DIST_SEED": str(settings.seed),
+        "ASTRONN_DIST_MAX_DELIVERIES": str(settings.max_deliveries),
+        "ASTRONN_DIST_DATA_ROOTS": os.pathsep.join(str(p) for p in settings.data_roots),
+    }
+    for name in THREAD_ENV:
+        if not os.environ.get(name):
+            env[name] = str(plan.threads_per_process)
+    return env
+
+
+def worker_argv(plan: WorkerPlan, *, loglevel: str = "INFO", hostname: str | None = None) -> list[str]:
+    """``celery worker`` arguments. Gossip and mingle are off: they are chatter between workers
+    that this service does not use (no revokes, no shared state), and mingle delays startup."""
+    return [
+        "worker",
+        "--queues", QUEUE,
+        "--pool", "prefork",
+        "--concurrency", str(plan.concurrency),
+        "--loglevel", loglevel,
+        "--hostname", hostname or f"astronn-dist-{os.getpid()}@%h",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+
+
+def run_worker(
+    settings: Settings,
+    *,
+    device: str,
+    concurrency: int | None,
+    model: Path | None,
+    loglevel: str = "INFO",
+    hostname: str | None = None,
+) -> None:
+    """Run a worker in this process until it is stopped (SIGTERM: warm shutdown, finishing the
+    running chunks; a second SIGTERM or SIGQUIT: cold, their messages go back to the queue).
+
+    Args:
+        settings: broker, database, visibility timeout, MC passes, ... (flags already applied).
+        device: ``auto``, ``cpu``, ``cuda`` (one process per GPU), ``cuda:N``.
+        concurrency: pool processes; None = one per GPU with CUDA, else 1 (see module docstring).
+        model: checkpoint (None: ``settings.model_path``).
+        loglevel: Celery log level.
+        hostname: Celery node name (default ``astronn-dist-<pid>@<host>``, unique per worker).
+    """
+    spec = (device or "auto").strip().lower()
+    n_gpus = gpu_count() if spec == "auto" or spec.startswith("cuda") else 0
+    plan = plan_worker(spec, concurrency, n_gpus=n_gpus, cores=usable_cores())
+    settings = dataclasses.replace(
+        settings, device=plan.device, model_path=Path(model) if model else settings.model_path
+    )
+    os.environ.update(worker_environment(settings, plan))
+    log.info(
+        "starting worker: %d process(es), device %s, %d thread(s) per process",
+        plan.concurrency, plan.device, plan.threads_per_process,
+    )
+    from worker.app import make_app
+
+    app = make_app(settings)
+    app.worker_main(worker_argv(plan, loglevel=loglevel, hostname=hostname))
