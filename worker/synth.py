@@ -43,9 +43,9 @@ What one star is (all relations are stated so a reader can check a row of the ca
   sensitive, c < 0), OH and CN molecular forests (very Teff sensitive) and the hydrogen Brackett
   series 11-20 (b < 0: strong only in warm dwarfs). Luminosity is therefore recoverable from
   the spectrum, as in real stars. The continuum C is a blackbody at Teff reddened by A_lambda,
-  times a smooth instrument response (cubic, +-2 %), scaled to the median flux
-  ``740 * 10^(-0.4 (H - 10.44))`` in 10^-17 erg/s/cm^2/Angstrom (the two real files lie on this
-  line: H = 10.32 -> 831, H = 10.58 -> 656).
+  times a smooth instrument response (cubic, +-2 %), scaled so the median flux is
+  ``740 * 10^(-0.4 (H - 10.44))`` in 10^-17 erg/s/cm^2/Angstrom with a 5 % calibration scatter
+  (the two real files lie on this line: H = 10.32 -> 831, H = 10.58 -> 656).
 * Noise and pixel flags, matched to the two real DR17 files (tests/test_synth.py compares them):
   photon-like errors ``err ~ C t(lambda) sqrt(F / C)`` with a throughput shape t rising to
   1.2x at the blue end and 2x at the red end, scaled so the median per-pixel S/N is the star's
@@ -76,6 +76,7 @@ the coadd. numpy and astropy only.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -130,9 +131,10 @@ MASKED_BITS = 0xFF | SIG_SKYLINE
 HUGE_ERROR = 4.5e12
 """DR17's error value for unusable pixels is of this order (4.5e12-5e13 in the real files)."""
 
-# Visit coverage per chip before a visit's shift: [start, stop) pixel. DR17 visits of the two
-# real files cover [197-202, 3320-3324), [3533-3538, 6126-6130), [6291-6295, 8378-8382).
-_CHIP_WINDOWS = ((197, 3320), (3533, 6126), (6291, 8378))
+# Visit coverage per chip, [start, stop) pixel: each edge lies in the range the visits of the two
+# real DR17 files show, (lowest, highest); a visit's radial-velocity shift moves all six edges.
+_CHIP_EDGES = (((197, 202), (3320, 3324)), ((3533, 3538), (6126, 6130)), ((6291, 6295), (8378, 8382)))
+_CHIP_WINDOWS = tuple((start[0], stop[0]) for start, stop in _CHIP_EDGES)
 _MAX_VISIT_SHIFT = 5
 _MAX_EDGE_FLAGGED = 10
 _MAX_EDGE_HALO = 18
@@ -510,7 +512,10 @@ class _Flags:
 
 def _windows(shifts: np.ndarray) -> list[tuple[int, int]]:
     """Per chip [start, stop) covered by a visit with per-chip ``shifts`` (3,) in pixels."""
-    return [(s + int(d), e + int(d)) for (s, e), d in zip(_CHIP_WINDOWS, shifts)]
+    return [
+        (min(start[0] + int(d), start[1]), min(stop[0] + int(d), stop[1]))
+        for (start, stop), d in zip(_CHIP_EDGES, shifts)
+    ]
 
 
 def _coverage(windows: list[tuple[int, int]]) -> np.ndarray:
@@ -593,16 +598,22 @@ def _throughput(rng: np.random.Generator) -> np.ndarray:
     return 1.0 + blue + red
 
 
-def _continuum(star: SyntheticStar, rng: np.random.Generator, coverage: np.ndarray) -> np.ndarray:
-    """C(lambda) (8575,) in 10^-17 erg/s/cm^2/Angstrom: reddened blackbody times a response."""
+def _continuum(
+    star: SyntheticStar, absorption: np.ndarray, rng: np.random.Generator, coverage: np.ndarray
+) -> np.ndarray:
+    """C(lambda) (8575,) in 10^-17 erg/s/cm^2/Angstrom: reddened blackbody times a response.
+
+    Scaled so that the median observed flux, C * absorption over the covered pixels, follows
+    the H magnitude as the real files do, with a 5 % flux-calibration scatter.
+    """
     wave = 10.0**LOG_WAVE
     planck = wave**-5.0 / np.expm1(1.438777e8 / (wave * star.teff))  # hc/k in Angstrom K
     reddening = 10.0 ** (-0.4 * star.a_k * extinction_ratio(wave))
     x = np.linspace(-1.0, 1.0, N_PIXELS)
     response = np.polynomial.chebyshev.chebval(x, np.r_[1.0, rng.normal(0.0, 0.02, 3)])
     shape = planck * reddening * response
-    level = 740.0 * 10.0 ** (-0.4 * (star.h_mag - 10.44))
-    return shape * (level / np.median(shape[coverage]))
+    level = 740.0 * 10.0 ** (-0.4 * (star.h_mag - 10.44) + rng.normal(0.0, 0.02))
+    return shape * (level / np.median((shape * absorption)[coverage]))
 
 
 @dataclass
@@ -626,7 +637,7 @@ def star_arrays(star: SyntheticStar, absorption: np.ndarray, rng: np.random.Gene
                      for c in range(3)]  # fmt: skip
     cover = _coverage(coadd_windows)
 
-    cont = _continuum(star, rng, cover)
+    cont = _continuum(star, absorption, rng, cover)
     model = cont * absorption
     shape = _throughput(rng) * np.sqrt(absorption)  # err / C before scaling
     err_clean = cont * shape / (star.snr_target * np.median((absorption / shape)[cover]))
@@ -671,9 +682,9 @@ def star_arrays(star: SyntheticStar, absorption: np.ndarray, rng: np.random.Gene
             flux[row, ~inside] = 0.0
             err[row, ~inside] = 0.0
             bitmask[row, ~inside] = 0
-            snr_visits.append(float(np.median(flux[row, cover] / err[row, cover])))
+            snr_visits.append(float(np.median(flux[row, inside] / err[row, inside])))
     else:
-        snr_visits.append(float(np.median(flux[0, cover] / err[0, cover])))
+        snr_visits.append(0.0)  # DR17 writes SNRVIS1 = 0 when the only visit is the coadd
 
     snr = float(np.median(flux[0, cover] / err[0, cover]))
     return StarArrays(flux=flux, err=err, bitmask=bitmask, snr=snr, snr_visits=snr_visits)
@@ -683,6 +694,7 @@ def star_arrays(star: SyntheticStar, absorption: np.ndarray, rng: np.random.Gene
 # Files
 # ---------------------------------------------------------------------------------------------
 
+_FITS_BLOCK = 2880
 _PLACEHOLDERS = (
     "sky", "sky uncertainty", "telluric", "telluric uncertainty", "LSF table", "RV table",
     "RV table for combined spectrum",
@@ -725,6 +737,19 @@ def _primary_header(star: SyntheticStar, arrays: StarArrays, seed: int) -> fits.
     return h
 
 
+@lru_cache(maxsize=1)
+def _placeholder_bytes() -> bytes:
+    """HDUs 4-10 as FITS bytes, rendered once: astropy spends ~5 ms per file writing them."""
+    hdus: list[fits.PrimaryHDU | fits.ImageHDU] = [fits.PrimaryHDU()]
+    for name in _PLACEHOLDERS:
+        hdu = fits.ImageHDU()
+        hdu.header["COMMENT"] = f"{name}: not simulated (synthetic placeholder)"
+        hdus.append(hdu)
+    buf = io.BytesIO()
+    fits.HDUList(hdus).writeto(buf)
+    return buf.getvalue()[_FITS_BLOCK:]  # each HDU is whole 2880-byte blocks: drop the primary
+
+
 def write_star(path: Path, star: SyntheticStar, arrays: StarArrays, seed: int) -> None:
     """Write one apStar file in the DR17 layout (11 HDUs; 4-10 empty placeholders)."""
     hdus: list[fits.PrimaryHDU | fits.ImageHDU] = [
@@ -738,11 +763,9 @@ def write_star(path: Path, star: SyntheticStar, arrays: StarArrays, seed: int) -
         hdu = fits.ImageHDU(data)
         _wcs_cards(hdu.header, bunit)
         hdus.append(hdu)
-    for name in _PLACEHOLDERS:
-        hdu = fits.ImageHDU()
-        hdu.header["COMMENT"] = f"{name}: not simulated (synthetic placeholder)"
-        hdus.append(hdu)
-    fits.HDUList(hdus).writeto(path, overwrite=True)
+    with open(path, "wb") as fh:
+        fits.HDUList(hdus).writeto(fh)
+        fh.write(_placeholder_bytes())
 
 
 def _catalog_row(star: SyntheticStar, rel_path: str, snr: float) -> dict[str, object]:
