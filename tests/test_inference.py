@@ -1,0 +1,328 @@
+"""MC-dropout inference: the fast Predictor against the plain algorithm it replaces.
+
+The reference (``reference_mc``) is SDSS-V astra's ``ApogeeDistBCNN.predict``: ``passes`` full
+forward passes of the nn.Module with its nn.Dropout layers active, then mean / Bessel variance /
+mean log-variance. The Predictor draws other random masks, so the two agree only within Monte
+Carlo noise; the tests below say how much noise and why.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from worker.inference import (  # noqa: E402
+    MaskLayout,
+    Predictor,
+    draw_random16,
+    resolve_device,
+    spectrum_seed,
+)
+from worker.model import (  # noqa: E402
+    ApogeeDistBCNN,
+    BCNNConfig,
+    LoadedModel,
+    load_model,
+    save_checkpoint,
+)
+
+PARAMS = "astronn/astroNN_gaia_dr17_model_3.astroNN_model_parameter.json"
+
+
+def _net(shared_data: Path, dropout_rate: float = 0.3, seed: int = 11) -> ApogeeDistBCNN:
+    """Random weights (PyTorch's default init, fixed seed) with the real DR17 input_mean and
+    labels_std."""
+    params = json.loads((shared_data / PARAMS).read_text())
+    torch.manual_seed(seed)
+    net = ApogeeDistBCNN(BCNNConfig(dropout_rate=dropout_rate))
+    with torch.no_grad():
+        net.input_mean.copy_(torch.tensor(params["input_mean"]["input"], dtype=torch.float64))
+        net.labels_std.fill_(params["labels_std"]["output"][0])
+        # Larger weights than the default init, so that the spectra differ in output and
+        # the dropout spread is ~15% of fakemag (a trained model's is ~10%), not ~1%.
+        net.conv1.weight.mul_(8.0)
+        net.conv2.weight.mul_(4.0)
+        net.dense_1.weight.mul_(3.0)
+        net.dense_2.weight.mul_(3.0)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def model(shared_data, tmp_path_factory):
+    """The network through a real checkpoint file, as the worker loads it."""
+    path = save_checkpoint(_net(shared_data), tmp_path_factory.mktemp("m") / "random-dr17.pt")
+    return load_model(path)
+
+
+@pytest.fixture(scope="module")
+def flux(shared_data) -> np.ndarray:
+    """64 plausible normalized spectra: astroNN's mean DR17 spectrum (input_mean), each with
+    its own line-depth scaling, smooth continuum error and photon noise; (64, 7514) float64."""
+    params = json.loads((shared_data / PARAMS).read_text())
+    mean = np.asarray(params["input_mean"]["input"])
+    rng = np.random.default_rng(5)
+    n = 64
+    depth = rng.uniform(0.6, 1.4, (n, 1))
+    x = np.linspace(-1, 1, mean.size)
+    tilt = rng.normal(0, 0.02, (n, 3)) @ np.stack([np.ones_like(x), x, x**2])
+    return 1 - (1 - mean) * depth + tilt + rng.normal(0, 0.01, (n, mean.size))
+
+
+def reference_mc(net: ApogeeDistBCNN, flux: np.ndarray, passes: int, seed: int,
+                 rows_per_call: int = 1600) -> tuple[np.ndarray, ...]:
+    """SDSS-V's algorithm: `passes` full forward passes of the nn.Module with dropout on.
+
+    nn.Dropout draws an independent Bernoulli(0.7) mask (scaled by 1/0.7) for every element
+    of every row, so one row of a batch is one complete forward pass with fresh masks; the
+    passes are run as rows (each spectrum repeated) `rows_per_call` at a time, which changes
+    nothing but the speed of this test.
+
+    Returns (fakemag, fakemag_err, out (passes, N), log_var (passes, N)).
+    """
+    torch.manual_seed(seed)
+    x = torch.from_numpy(flux).repeat(passes, 1)  # (passes * N, 7514): pass-major rows
+    net.train()  # dropout on
+    try:
+        with torch.no_grad():
+            runs = [net(x[i : i + rows_per_call]) for i in range(0, len(x), rows_per_call)]
+    finally:
+        net.eval()
+    out = torch.cat([r[0] for r in runs]).view(passes, len(flux))
+    log_var = torch.cat([r[1] for r in runs]).view(passes, len(flux))
+    std = float(net.labels_std)
+    fakemag = out.mean(0).double().numpy() * std
+    err = torch.sqrt(torch.exp(log_var.mean(0)) + out.var(0)).double().numpy() * std
+    return fakemag, err, out.double().numpy(), log_var.double().numpy()
+
+
+def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic max |F_a - F_b|."""
+    grid = np.sort(np.concatenate([a, b]))
+    fa = np.searchsorted(np.sort(a), grid, side="right") / a.size
+    fb = np.searchsorted(np.sort(b), grid, side="right") / b.size
+    return float(np.max(np.abs(fa - fb)))
+
+
+# ------------------------------------------------------------------------------------------
+# Exactness where there is no randomness
+
+
+def test_no_dropout_equals_module_forward(shared_data, flux):
+    """With dropout off every pass is the plain forward: the fast path (conv1 once, conv2 as a
+    Toeplitz product, pooling and flatten order, folded scales) must reproduce nn.Module's
+    forward to float32 rounding."""
+    net = _net(shared_data, dropout_rate=0.0)
+    loaded = LoadedModel(net=net, model_id="p0", path=Path("p0.pt"), device=torch.device("cpu"))
+    pred = Predictor(loaded, mc_passes=3, seed=0)
+    got = pred.predict(flux[:16], [f"s{i}" for i in range(16)])
+    with torch.no_grad():
+        out, log_var = net(torch.from_numpy(flux[:16]))
+    std = float(net.labels_std)
+    np.testing.assert_allclose(got.fakemag, out.double().numpy() * std, rtol=2e-5)
+    np.testing.assert_allclose(got.fakemag_err, np.exp(0.5 * log_var.double().numpy()) * std,
+                               rtol=2e-5)
+    samples, _ = pred.sample(flux[:4], ["a", "b", "c", "d"])
+    assert np.ptp(samples, axis=1).max() <= 1e-6 * np.abs(samples).max()  # passes identical
+
+
+# ------------------------------------------------------------------------------------------
+# Statistics against the reference
+
+
+def test_mc_statistics_match_reference_over_many_spectra(model, flux):
+    """64 spectra, 100 passes each, Predictor vs reference (different random masks).
+
+    fakemag: the two MC means of spectrum i differ by noise of sd sqrt((v_a + v_b) / 100)
+    (v = per-pass variance of fakemag), so z_i = diff / that sd is ~N(0, 1) (t with ~200 dof).
+    Over 64 spectra a shared bias shows in mean(z): its sd is 1/8, we allow 4 sd (0.5); the
+    spread of z must be that of unit normals (sd of the sample sd ~0.09; we allow 0.65..1.4).
+    fakemag_err: log(err_a / err_b) per spectrum is noise of unknown but common size, so its
+    mean over spectra must be within 4 standard errors of 0 (a paired t-test); a missing or
+    extra dropout layer, or a wrong scale, shifts it by far more than that.
+    """
+    n_spec = len(flux)
+    ids = [f"spec-{i}" for i in range(n_spec)]
+    pred = Predictor(model, mc_passes=100, seed=3)
+    got = pred.predict(flux, ids)
+    samples, _ = pred.sample(flux, ids)
+    want, want_err, ref_out, _ = reference_mc(model.net, flux, 100, seed=4)
+    std = float(model.net.labels_std)
+    v_a = samples.astype(np.float64).var(axis=1, ddof=1) * std**2
+    v_b = ref_out.var(axis=0, ddof=1) * std**2
+    assert np.all(v_a > 0) and np.all(v_b > 0)
+    # The MC noise is real (dropout matters) and comparable in both.
+    assert np.median(np.sqrt(v_a) / got.fakemag) > 0.01
+    z = (got.fakemag - want) / np.sqrt((v_a + v_b) / 100)
+    assert abs(z.mean()) < 4 / np.sqrt(n_spec), z
+    assert 0.65 < z.std(ddof=1) < 1.4, z
+    log_ratio = np.log(got.fakemag_err / want_err)
+    t = log_ratio.mean() / (log_ratio.std(ddof=1) / np.sqrt(n_spec))
+    assert abs(t) < 4, (t, log_ratio)
+    # And the per-pass variances agree on average: log(v_a/v_b) has sd ~sqrt(4/99) = 0.2 per
+    # spectrum for near-normal outputs, 0.025 for the mean of 64; allow 0.15.
+    assert abs(np.mean(np.log(v_a / v_b))) < 0.15
+
+
+def test_mc_distribution_matches_reference_2000_passes(model, flux):
+    """Two spectra, 2000 passes each: the distributions of the per-pass outputs must be the
+    same. Two-sample KS at alpha = 1e-3 for n = m = 2000: D < 1.95 * sqrt(2 / 2000) = 0.062.
+    Means: z-test at 4.5 sd."""
+    spectra = flux[[0, 1]]
+    pred = Predictor(model, mc_passes=2000, seed=1)
+    out, log_var = pred.sample(spectra, ["x0", "x1"])
+    _, _, ref_out, ref_lv = reference_mc(model.net, spectra, 2000, seed=2)
+    for i in range(2):
+        a, b = out[i].astype(np.float64), ref_out[:, i]
+        assert ks_distance(a, b) < 0.062
+        assert ks_distance(log_var[i].astype(np.float64), ref_lv[:, i]) < 0.062
+        assert abs(a.mean() - b.mean()) < 4.5 * np.sqrt((a.var() + b.var()) / 2000)
+        la, lb = log_var[i].astype(np.float64), ref_lv[:, i]
+        assert abs(la.mean() - lb.mean()) < 4.5 * np.sqrt((la.var() + lb.var()) / 2000)
+        assert a.std() > 0.05 * a.mean()  # the dropout spread is large enough to test
+
+
+def test_keep_probability_is_0_7():
+    """The masks keep 45875/65536 = 0.6999969 of the units (0.7 to 3e-6). Empirically, over
+    20 spectra x 100 passes (45.5 M decisions, binomial sd 6.8e-5) and in each of the four
+    16-bit lanes of a 64-bit draw (sd 1.4e-4), the kept fraction is within 5 sd of it; an
+    8-bit threshold (0.6992) or a lane with a stuck bit would fail."""
+    net = ApogeeDistBCNN()
+    pred = Predictor(LoadedModel(net, "m", Path("m.pt"), torch.device("cpu")), mc_passes=100)
+    assert pred.keep_probability == 45875 / 65536
+    assert abs(pred.keep_probability - 0.7) < 1e-5
+    layout = MaskLayout.of(net)
+    lanes = np.zeros(4)
+    total = 0
+    for i in range(20):
+        parts = draw_random16(spectrum_seed(0, f"k{i}"), 100, layout)
+        for r in parts:
+            keep = (r >= pred.threshold).reshape(-1, 4)
+            lanes += keep.sum(0).numpy()
+            total += keep.shape[0]
+    p = pred.keep_probability
+    sd_lane = np.sqrt(p * (1 - p) / total)
+    assert np.all(np.abs(lanes / total - p) < 5 * sd_lane), lanes / total
+    assert abs(lanes.sum() / (4 * total) - p) < 5 * sd_lane / 2
+
+
+# ------------------------------------------------------------------------------------------
+# Reproducibility per spectrum
+
+
+def test_same_spectrum_same_numbers_in_any_batch(model, flux):
+    ids = [f"r{i}" for i in range(6)]
+    pred = Predictor(model, mc_passes=100, seed=9, threads=2)
+    full = pred.predict(flux[:6], ids)
+    picks = [4, 1, 5]
+    sub = pred.predict(flux[picks], [ids[i] for i in picks])
+    single = Predictor(model, mc_passes=100, seed=9, threads=1).predict(flux[[3]], [ids[3]])
+    tiled = Predictor(model, mc_passes=100, seed=9, pass_tile=7).predict(flux[:6], ids)
+    again = Predictor(model, mc_passes=100, seed=9).predict(flux[:6], ids)
+    np.testing.assert_allclose(sub.fakemag, full.fakemag[picks], rtol=1e-5)
+    np.testing.assert_allclose(sub.fakemag_err, full.fakemag_err[picks], rtol=1e-5)
+    np.testing.assert_allclose(single.fakemag, full.fakemag[[3]], rtol=1e-5)
+    np.testing.assert_allclose(tiled.fakemag, full.fakemag, rtol=1e-5)
+    np.testing.assert_allclose(tiled.fakemag_err, full.fakemag_err, rtol=1e-5)
+    np.testing.assert_array_equal(again.fakemag, full.fakemag)
+    np.testing.assert_array_equal(again.fakemag_err, full.fakemag_err)
+
+
+def test_grouped_path_equals_per_spectrum_path(model, flux):
+    """The GPU strategy (several spectra folded into one set of kernels) runs on the CPU too:
+    same masks (CPU generator), same numbers as the per-spectrum CPU path."""
+    ids = [f"g{i}" for i in range(5)]
+    pred = Predictor(model, mc_passes=40, seed=2, max_rows=80)  # groups of 2, 2, 1 spectra
+    want_out, want_lv = pred.sample(flux[:5], ids)
+    out = np.empty_like(want_out)
+    lv = np.empty_like(want_lv)
+    with torch.inference_mode():
+        hp = pred._conv1(torch.from_numpy(flux[:5]))
+        pred._sample_groups(hp, [spectrum_seed(2, s) for s in ids], out, lv)
+    np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(lv, want_lv, rtol=1e-5, atol=1e-6)
+
+
+def test_masks_depend_on_spectrum_id_and_seed(model, flux):
+    layout = MaskLayout.of(model.net)
+    a = draw_random16(spectrum_seed(0, "a"), 4, layout)[0]
+    b = draw_random16(spectrum_seed(0, "b"), 4, layout)[0]
+    c = draw_random16(spectrum_seed(1, "a"), 4, layout)[0]
+    assert torch.equal(a, draw_random16(spectrum_seed(0, "a"), 4, layout)[0])
+    assert (a == b).float().mean() < 0.01 and (a == c).float().mean() < 0.01
+    same_flux = np.repeat(flux[:1], 2, axis=0)
+    got = Predictor(model, mc_passes=100, seed=0).predict(same_flux, ["one", "two"])
+    assert got.fakemag[0] != got.fakemag[1]
+    other_seed = Predictor(model, mc_passes=100, seed=1).predict(same_flux[:1], ["one"])
+    assert other_seed.fakemag[0] != got.fakemag[0]
+
+
+def test_spectrum_seed_is_stable():
+    # Fixed values: a change here would silently change every stored result.
+    assert spectrum_seed(0, "apStar-dr17-2M19485057+5005279.fits") == 296766188269190571
+    assert spectrum_seed(0, "a") == 7340373685759566269
+    assert spectrum_seed(1, "a") != spectrum_seed(0, "a") != spectrum_seed(0, "b")
+    assert 0 <= spectrum_seed(2**40, "é" * 300) < 2**63
+
+
+# ------------------------------------------------------------------------------------------
+# Interface
+
+
+def test_input_validation(model, flux):
+    pred = Predictor(model, mc_passes=4)
+    empty = pred.predict(np.empty((0, 7514)), [])
+    assert empty.fakemag.shape == empty.fakemag_err.shape == (0,)
+    with pytest.raises(ValueError, match="expected"):
+        pred.predict(flux[:2, :7000], ["a", "b"])
+    with pytest.raises(ValueError, match="spectrum_ids"):
+        pred.predict(flux[:2], ["a"])
+    with pytest.raises(ValueError, match="mc_passes"):
+        Predictor(model, mc_passes=1)
+    assert (pred.model_id, pred.mc_passes, pred.seed) == (model.model_id, 4, 0)
+    assert pred.device == torch.device("cpu")
+    one = pred.predict(flux[0], ["a"])  # a single spectrum as a 1-D array
+    assert one.fakemag.shape == (1,) and np.isfinite(one.fakemag_err).all()
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(" CPU ") == torch.device("cpu")
+    want = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    assert resolve_device("auto") == want
+    assert resolve_device() == want
+    with pytest.raises(ValueError, match="expected 'auto'"):
+        resolve_device("gpu please")
+    with pytest.raises(ValueError, match="only 'cpu' and 'cuda"):
+        resolve_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+    else:
+        assert resolve_device("cuda") == torch.device("cuda", 0)
+        with pytest.raises(ValueError, match="visible"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu(shared_data, flux, tmp_path):
+    """On a GPU: dropout off gives the CPU numbers; with dropout, the same statistics, and
+    per-spectrum reproducibility across batches."""
+    path = save_checkpoint(_net(shared_data, dropout_rate=0.0), tmp_path / "p0.pt")
+    cpu = Predictor(load_model(path), mc_passes=3).predict(flux[:8], list("abcdefgh"))
+    gpu = Predictor(load_model(path, "cuda"), mc_passes=3).predict(flux[:8], list("abcdefgh"))
+    np.testing.assert_allclose(gpu.fakemag, cpu.fakemag, rtol=1e-5)
+    np.testing.assert_allclose(gpu.fakemag_err, cpu.fakemag_err, rtol=1e-5)
+    path = save_checkpoint(_net(shared_data), tmp_path / "p3.pt")
+    ids = [f"c{i}" for i in range(len(flux))]
+    pred = Predictor(load_model(path, "cuda"), mc_passes=100, seed=0, max_rows=1000)
+    full = pred.predict(flux, ids)
+    part = pred.predict(flux[[7, 3]], [ids[7], ids[3]])
+    np.testing.assert_allclose(part.fakemag, full.fakemag[[7, 3]], rtol=1e-5)
+    ref = Predictor(load_model(path), mc_passes=100, seed=0).predict(flux, ids)
+    rel = (full.fakemag - ref.fakemag) / ref.fakemag_err
+    assert abs(rel.mean()) < 0.1 and np.median(np.abs(np.log(full.fakemag_err / ref.fakemag_err))) < 0.1

@@ -1,0 +1,467 @@
+"""Monte-Carlo-dropout prediction of fakemag for a batch of spectra, on the CPU or a GPU.
+
+What is computed (SDSS-V astra ``Network.ApogeeDistBCNN.predict``): ``mc_passes`` forward
+passes of :class:`worker.model.ApogeeDistBCNN` with dropout active (keep probability 0.7,
+inverted scaling 1/0.7), then per spectrum::
+
+    fakemag     = mean(out) * labels_std
+    fakemag_err = sqrt(exp(mean(log_var)) + var(out, unbiased)) * labels_std
+
+How, fast (each step is the same arithmetic as the reference, in another order):
+
+1. conv1 and its ReLU come before the first dropout, so they are computed once per spectrum,
+   not once per pass. (As a small matmul on an unfolded view: no cuDNN, so no TF32 on GPUs.)
+2. The passes are folded into the batch dimension: a spectrum's 100 passes are 100 rows.
+3. conv2 (2 -> 4 channels, 8 taps) is a 32 x 32 matrix product: the padded, channel-last
+   input of each pass is cut into chunks of 16 positions x 2 channels, and each chunk gives
+   the 8 x 4 outputs of its middle 8 positions (a banded "Toeplitz" matrix holds the taps).
+   Two grids of chunks, offset by 8 positions, cover all outputs; both are plain strided
+   views of one buffer, so nothing is copied. Max pooling (4 positions) stays inside a block
+   and its outputs interleave straight into Keras's channel-last flatten order.
+4. ReLU is applied after max pooling (they commute), on a quarter of the values.
+5. The inverted-dropout scale 1/keep is folded into the next layer's weights (conv2, dense_1,
+   dense_2), so a mask is a multiplication by 0 or 1.
+6. Masks come from 16-bit random integers: one 64-bit draw of the generator gives four. A unit
+   is dropped when its 16-bit value is among the lowest ``round(0.3 * 65536)`` = 19661 of 65536,
+   so the keep probability is 45875/65536 = 0.6999969 (0.7 to 3e-6). ``torch.bernoulli_`` costs
+   about 10x more; 8-bit draws would give 0.6992, off by 8e-4.
+7. On the CPU, whole spectra go to a pool of single-threaded workers (one per core): each
+   spectrum's working set stays in that core's cache and mask generation, which is serial per
+   generator, runs on all cores at once. A single spectrum uses the caller's intra-op threads.
+   Passes are processed in tiles of a few dozen so the per-tile buffers stay in cache.
+
+Reproducibility: the masks of a spectrum come from a generator seeded with
+``spectrum_seed(seed, spectrum_id)`` and are drawn in a fixed layout for all passes at once, so a
+spectrum gives the same numbers (to float32 rounding) whatever batch, worker or run it is in.
+On the CPU, torch's mt19937 generator keeps the low 32 bits of a seed, so two spectra share masks
+with probability 2^-32 per pair; each spectrum's statistics are unaffected. CPU and CUDA
+generators differ, so the same spectrum gets other (equally valid) masks on a GPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from worker.config import DEFAULT_MC_PASSES, DEFAULT_SEED
+from worker.model import ApogeeDistBCNN, LoadedModel
+
+__all__ = ["resolve_device", "spectrum_seed", "Prediction", "Predictor", "MaskLayout"]
+
+RANDOM_LEVELS = 1 << 16  # masks use 16-bit random integers
+BLOCK = 8  # output positions per conv2 block (the Toeplitz product's width / 4 channels)
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+
+    Raises ValueError for other names, or for CUDA when this machine/build has none.
+    """
+    text = (spec or "auto").strip().lower()
+    if text == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"device {spec!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise ValueError(f"device {spec!r}: only 'cpu' and 'cuda[:N]' are supported")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r}: CUDA is not available here; use 'cpu' or 'auto'")
+    index = 0 if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+        )
+    return torch.device("cuda", index)
+
+
+def spectrum_seed(global_seed: int, spectrum_id: str) -> int:
+    """The seed of one spectrum's dropout masks: BLAKE2b of (global seed, id), 63 bits.
+
+    Stable across processes, machines and Python versions (unlike ``hash()``).
+    """
+    digest = hashlib.blake2b(f"{int(global_seed)}:{spectrum_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class Prediction:
+    """Per spectrum: fakemag and its total uncertainty, both in fakemag units, shape (N,)."""
+
+    fakemag: np.ndarray
+    fakemag_err: np.ndarray
+
+
+@dataclass(frozen=True)
+class MaskLayout:
+    """Geometry of the fast path and of one pass's row of 16-bit random numbers.
+
+    A pass's row holds, in order: the conv2-input mask (``n_pos`` padded positions x 2
+    channels), the flattened-pooling mask (``n_feat`` >= 7512) and the dense_1 mask (192).
+    """
+
+    n_pixels: int  # 7514
+    c1: int  # conv1 channels (2)
+    c2: int  # conv2 channels (4)
+    taps: int  # 8
+    pool: int  # 4
+    n_flat: int  # 7512
+    hidden1: int  # 192
+    margin: int  # zeros before pixel 0 in the padded conv2 input (4)
+    n_chunks: int  # chunks of 2 * BLOCK positions per pass (470)
+
+    @classmethod
+    def of(cls, net: ApogeeDistBCNN) -> "MaskLayout":
+        cfg = net.config
+        left, right = net.same_pad
+        n_out = cfg.n_pooled * cfg.pool_length  # conv2 outputs the pooling uses (7512)
+        if BLOCK % cfg.pool_length or BLOCK < cfg.filter_len - 1:
+            raise NotImplementedError("fast MC path: pooling must tile 8 positions, taps <= 9")
+        n_blocks = -(-n_out // BLOCK)
+        layout = cls(
+            n_pixels=cfg.n_pixels, c1=cfg.filters[0], c2=cfg.filters[1], taps=cfg.filter_len,
+            pool=cfg.pool_length, n_flat=cfg.n_flat, hidden1=cfg.hidden[0],
+            margin=left + 1, n_chunks=-(-n_blocks // 2),
+        )
+        # The last output's window must end inside the padded row (7511 + 4 + margin < 7520).
+        assert n_out - 1 + right + layout.margin < layout.n_pos, "padded row too short"
+        assert all(w % 4 == 0 for w in layout.widths), "masks must use whole 64-bit draws"
+        return layout
+
+    @property
+    def n_pos(self) -> int:
+        """Padded positions of the conv2 input per pass (470 chunks x 16 = 7520)."""
+        return self.n_chunks * 2 * BLOCK
+
+    @property
+    def n_x1(self) -> int:
+        """Width of the conv2 input per pass, channel-last (7520 x 2)."""
+        return self.n_pos * self.c1
+
+    @property
+    def n_feat(self) -> int:
+        """Pooled features per pass incl. the unused tail of the last block (7520 >= 7512)."""
+        return self.n_chunks * 2 * (BLOCK // self.pool) * self.c2
+
+    @property
+    def widths(self) -> tuple[int, int, int]:
+        """16-bit random numbers per pass for the three masks (each a multiple of 4)."""
+        return self.n_x1, self.n_feat, self.hidden1
+
+
+def draw_random16(seed: int, n_passes: int, layout: MaskLayout,
+                  generator: torch.Generator | None = None,
+                  out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """The 16-bit random numbers of one spectrum's three masks, for all passes.
+
+    Returns int16 tensors (n_passes, 15040), (n_passes, 7520), (n_passes, 192): the conv2
+    input (channel-last padded positions), the flattened pooling, dense_1's output. They are
+    drawn in this order from one generator seeded with ``seed``, as full-range int64 values
+    viewed as four int16 each (each 16-bit lane is uniform), so the numbers a pass gets do not
+    depend on how the work is later tiled. ``out``: int64 buffers of n_passes * width / 4.
+    """
+    gen = generator if generator is not None else torch.Generator(device=device)
+    gen.manual_seed(seed)
+    parts = []
+    for i, width in enumerate(layout.widths):
+        n64 = n_passes * width // 4
+        buf = out[i] if out is not None else torch.empty(n64, dtype=torch.int64, device=gen.device)
+        buf.random_(-(2**63), None, generator=gen)  # from int64 min, no 'to': all 64 bits
+        parts.append(buf.view(torch.int16).view(n_passes, width))
+    return tuple(parts)
+
+
+class Predictor:
+    """MC-dropout predictions of one loaded model.
+
+    Parameters
+    ----------
+    model
+        From :func:`worker.model.load_model`; its device is where the work runs.
+    mc_passes
+        Forward passes per spectrum (>= 2: the spread needs two).
+    seed
+        Global seed; with a spectrum's id it seeds that spectrum's masks.
+    threads
+        CPU only: workers, one spectrum each (default ``torch.get_num_threads()``, i.e. the
+        cores PyTorch uses). 1 runs everything in the calling thread.
+    """
+
+    def __init__(self, model: LoadedModel, mc_passes: int = DEFAULT_MC_PASSES,
+                 seed: int = DEFAULT_SEED, *, threads: int | None = None,
+                 pass_tile: int = 25, max_rows: int | None = None) -> None:
+        if int(mc_passes) < 2:
+            raise ValueError(f"mc_passes must be >= 2 (the MC variance needs two), got {mc_passes}")
+        self.model = model
+        self.model_id = model.model_id
+        self.mc_passes = int(mc_passes)
+        self.seed = int(seed)
+        self.device = model.device
+        net = model.net
+        self.layout = lay = MaskLayout.of(net)
+        rate = float(net.config.dropout_rate)
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"dropout rate {rate} must be in [0, 1)")
+        drop_levels = round(rate * RANDOM_LEVELS)
+        # Keep a unit when its int16 value is >= this (the lowest drop_levels values drop it).
+        self.threshold = -(RANDOM_LEVELS // 2) + drop_levels
+        self.keep_probability = 1.0 - drop_levels / RANDOM_LEVELS
+        self.threads = max(1, int(threads if threads is not None else torch.get_num_threads()))
+        self.pass_tile = max(1, int(pass_tile))
+        # Rows (spectrum x pass) per block of work on a GPU: bounds its memory (~0.4 MB a row).
+        self.max_rows = int(max_rows or (8192 if self.device.type == "cuda" else 4096))
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
+        self._local = threading.local()
+
+        scale = 1.0 / (1.0 - rate)  # inverted dropout, folded into the layer after each mask
+        dev, f32 = self.device, torch.float32
+        with torch.no_grad():
+            p = {k: v.detach().to(dev) for k, v in net.state_dict().items()}
+            self.input_mean = p["input_mean"].to(torch.float64)  # (7514,)
+            self.labels_std = float(p["labels_std"].reshape(-1)[0])
+            self.same_pad = net.same_pad
+            self.w_conv1 = p["conv1.weight"][:, 0, :].T.contiguous().to(f32)  # (8, 2)
+            self.b_conv1 = p["conv1.bias"].to(f32)  # (2,)
+            toeplitz, b_toeplitz = self._conv2_as_matrix(  # built on the CPU: 512 small writes
+                p["conv2.weight"].double().cpu() * scale, p["conv2.bias"].double().cpu())
+            self.toeplitz, self.b_toeplitz = toeplitz.to(dev), b_toeplitz.to(dev)
+            self.w_dense1 = (p["dense_1.weight"].double() * scale).to(f32).T  # (7512, 192) view
+            self.b_dense1 = p["dense_1.bias"].to(f32)
+            self.w_dense2 = (p["dense_2.weight"].double() * scale).to(f32).T  # (192, 64) view
+            self.b_dense2 = p["dense_2.bias"].to(f32)
+            heads_w = torch.cat([p["dense_output.weight"], p["dense_var.weight"]])  # (2, 64)
+            self.w_heads = heads_w.to(f32).T  # (64, 2)
+            self.b_heads = torch.cat([p["dense_output.bias"], p["dense_var.bias"]]).to(f32)
+
+    # -- weights -------------------------------------------------------------------------------
+
+    def _conv2_as_matrix(self, weight: torch.Tensor, bias: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """conv2 (c2, c1, taps) as a (2*BLOCK*c1, BLOCK*c2) = (32, 32) matrix on one chunk,
+        and the bias of each pooled feature of a block (8,).
+
+        Rows: chunk position ``u`` (0..15) x input channel ``ci``, index ``u * c1 + ci``
+        (channel-last). Columns: output position ``j = g * pool + q`` of the block x output
+        channel ``co``, index ``(g * c2 + co) * pool + q``: the pool slot ``q`` innermost, so
+        max pooling is a 1-D max pool of width 4 over the product's rows, and it leaves the
+        block's features in Keras order (pooled position g, then channel co).
+        Output j of block b is pixel ``8b + j``; its tap k reads pixel ``8b + j + k - left``,
+        which sits at chunk position ``j + k - left + margin``. The bias is added after the
+        pooling (max(y + b) = max(y) + b: it is per channel), on a quarter of the values.
+        """
+        lay = self.layout
+        left = self.same_pad[0]
+        mat = torch.zeros(2 * BLOCK * lay.c1, BLOCK * lay.c2, dtype=torch.float64,
+                          device=weight.device)
+        for j in range(BLOCK):
+            g, q = divmod(j, lay.pool)
+            for k in range(lay.taps):
+                u = j + k - left + lay.margin
+                for ci in range(lay.c1):
+                    for co in range(lay.c2):
+                        mat[u * lay.c1 + ci, (g * lay.c2 + co) * lay.pool + q] = weight[co, ci, k]
+        return mat.to(torch.float32), bias.repeat(BLOCK // lay.pool).to(torch.float32)
+
+    # -- public --------------------------------------------------------------------------------
+
+    def predict(self, norm_flux: np.ndarray, spectrum_ids: Sequence[str]) -> Prediction:
+        """fakemag and fakemag_err of each spectrum.
+
+        Parameters
+        ----------
+        norm_flux
+            Continuum-normalized flux, (N, 7514) (from :func:`worker.continuum.normalize`).
+        spectrum_ids
+            N identities; with the global seed they fix each spectrum's dropout masks.
+        """
+        out, log_var = self.sample(norm_flux, spectrum_ids)
+        out64 = out.astype(np.float64)
+        var = out64.var(axis=1, ddof=1)  # Bessel's correction, as torch.var
+        mean_log_var = log_var.astype(np.float64).mean(axis=1)
+        std = self.labels_std
+        return Prediction(
+            fakemag=out64.mean(axis=1) * std,
+            fakemag_err=np.sqrt(np.exp(mean_log_var) + var) * std,
+        )
+
+    def sample(self, norm_flux: np.ndarray, spectrum_ids: Sequence[str]
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Every MC pass: (out, log_var), each (N, mc_passes) float32, in label-std units.
+
+        ``out`` is the softplus head (fakemag / labels_std), ``log_var`` the log-variance head.
+        """
+        flux = np.asarray(norm_flux, dtype=np.float64)
+        if flux.ndim == 1:
+            flux = flux[None, :]
+        lay = self.layout
+        if flux.ndim != 2 or flux.shape[1] != lay.n_pixels:
+            raise ValueError(f"norm_flux has shape {flux.shape}, expected (N, {lay.n_pixels})")
+        ids = [str(s) for s in spectrum_ids]
+        if len(ids) != len(flux):
+            raise ValueError(f"{len(ids)} spectrum_ids for {len(flux)} spectra")
+        out = np.empty((len(flux), self.mc_passes), dtype=np.float32)
+        log_var = np.empty_like(out)
+        if len(flux) == 0:
+            return out, log_var
+        seeds = [spectrum_seed(self.seed, s) for s in ids]
+        with torch.inference_mode():
+            hp = self._conv1(torch.from_numpy(flux).to(self.device))  # (N, 7520 * 2)
+            if self.device.type == "cuda":
+                self._sample_groups(hp, seeds, out, log_var)
+            else:
+                self._sample_cpu(hp, seeds, out, log_var)
+        return out, log_var
+
+    def close(self) -> None:
+        """Stop the CPU worker threads (they also stop when the Predictor is collected)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __del__(self) -> None:  # pragma: no cover - interpreter-dependent timing
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)
+
+    # -- the computation -----------------------------------------------------------------------
+
+    def _conv1(self, flux: torch.Tensor) -> torch.Tensor:
+        """ReLU(conv1(flux - input_mean)) in the padded channel-last layout: (N, 7520 * 2).
+
+        Positions ``margin .. margin + 7513`` hold pixels 0..7513; the rest are zeros (conv2's
+        'same' padding).
+        """
+        lay = self.layout
+        n = flux.shape[0]
+        out = torch.zeros(n, lay.n_pos, lay.c1, dtype=torch.float32, device=flux.device)
+        for start in range(0, n, 512):  # bounds the unfolded copy (512 x 7514 x 8 floats)
+            x = (flux[start : start + 512] - self.input_mean).to(torch.float32)  # (n, 7514)
+            windows = F.pad(x, self.same_pad).unfold(1, lay.taps, 1)  # (n, 7514, 8) view
+            h = torch.matmul(windows, self.w_conv1).add_(self.b_conv1).clamp_(min=0)  # (n, 7514, 2)
+            out[start : start + 512, lay.margin : lay.margin + lay.n_pixels] = h
+        return out.view(n, lay.n_x1)
+
+    def _forward(self, hp: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, r3: torch.Tensor,
+                 pass_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All passes of S spectra -> out, log_var (S, P).
+
+        hp: conv1 output (S, 15040); r1, r2, r3: the masks' random numbers (S, P, 15040),
+        (S, P, 7520), (S, P, 192) int16 (:func:`draw_random16`).
+        """
+        lay = self.layout
+        s, n_passes = r1.shape[:2]
+        rows = s * n_passes
+        thr, dev = self.threshold, hp.device
+        feats = self._buffer("feats", (s, n_passes, lay.n_feat), torch.float32, dev)
+        chunk = 2 * BLOCK * lay.c1  # floats per chunk (32)
+        per_block = (BLOCK // lay.pool) * lay.c2  # pooled features per block (8)
+        for p0 in range(0, n_passes, pass_tile):
+            p1 = min(n_passes, p0 + pass_tile)
+            t = s * (p1 - p0)
+            # conv2 input: (t, 15040) masked copies of hp, then one chunk of zeros so that
+            # grid 1's last (unused) chunk of the last pass stays inside the buffer.
+            d1 = self._buffer("d1", (t * lay.n_x1 + chunk,), torch.float32, dev)
+            d1[t * lay.n_x1 :].zero_()
+            masked = d1[: t * lay.n_x1].view(s, p1 - p0, lay.n_x1)
+            # A comparison written straight into float32 is ~5x faster than bool * float.
+            torch.ge(r1[:, p0:p1], thr, out=masked).mul_(hp[:, None, :])
+            out4 = feats[:, p0:p1].view(t, lay.n_chunks, 2, per_block)
+            for grid in (0, 1):  # grid 1 starts BLOCK positions (16 floats) later
+                x = d1[grid * chunk // 2 :][: t * lay.n_x1].view(t * lay.n_chunks, chunk)
+                y = self._buffer("conv2", (t * lay.n_chunks, BLOCK * lay.c2), torch.float32, dev)
+                torch.mm(x, self.toeplitz, out=y)  # (t * 470, 32) conv2 outputs
+                pooled = F.max_pool1d(y.view(1, 1, -1), lay.pool)  # (1, 1, t * 470 * 8)
+                torch.add(pooled.view(t, lay.n_chunks, per_block), self.b_toeplitz,
+                          out=out4[:, :, grid])  # interleave the grids: Keras flatten order
+            tile = feats[:, p0:p1]
+            keep2 = self._buffer("keep2", tile.shape, torch.float32, dev)
+            tile.clamp_(min=0).mul_(torch.ge(r2[:, p0:p1], thr, out=keep2))  # ReLU, dropout
+        flat = feats.view(rows, lay.n_feat)[:, : lay.n_flat]  # (rows, 7512); the tail unused
+        h = torch.addmm(self.b_dense1, flat, self.w_dense1).clamp_(min=0)  # (rows, 192)
+        keep3 = self._buffer("keep3", (rows, lay.hidden1), torch.float32, dev)
+        h.mul_(torch.ge(r3.reshape(rows, lay.hidden1), thr, out=keep3))
+        h = torch.addmm(self.b_dense2, h, self.w_dense2).clamp_(min=0)  # (rows, 64)
+        heads = torch.addmm(self.b_heads, h, self.w_heads).view(s, n_passes, 2)
+        return F.softplus(heads[..., 0]), heads[..., 1]
+
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+        """A per-thread scratch tensor, reused across spectra (CPU; avoids page faults)."""
+        if device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        store = self._local.__dict__.setdefault("buffers", {})
+        size = int(np.prod(shape))
+        buf = store.get(name)
+        if buf is None or buf.numel() < size or buf.dtype != dtype:
+            buf = store[name] = torch.empty(size, dtype=dtype)
+        return buf[:size].view(shape)
+
+    def _one_spectrum(self, hp_row: torch.Tensor, seed: int, out: np.ndarray,
+                      log_var: np.ndarray) -> None:
+        """All passes of one spectrum on the CPU, into out and log_var (P,)."""
+        with torch.inference_mode():  # grad mode is per thread: set it in the worker
+            lay = self.layout
+            store = self._local.__dict__
+            if "generator" not in store:
+                store["generator"] = torch.Generator()
+            raw = tuple(
+                self._buffer(f"random{i}", (self.mc_passes * w // 4,), torch.int64, hp_row.device)
+                for i, w in enumerate(lay.widths)
+            )
+            r1, r2, r3 = draw_random16(seed, self.mc_passes, lay, store["generator"], raw)
+            o, lv = self._forward(hp_row[None], r1[None], r2[None], r3[None], self.pass_tile)
+            out[:] = o[0].numpy()
+            log_var[:] = lv[0].numpy()
+
+    def _sample_cpu(self, hp: torch.Tensor, seeds: list[int], out: np.ndarray,
+                    log_var: np.ndarray) -> None:
+        if self.threads == 1 or len(seeds) == 1:
+            for i in range(len(seeds)):
+                self._one_spectrum(hp[i], seeds[i], out[i], log_var[i])
+            return
+        pool = self._worker_pool()
+        jobs = [pool.submit(self._one_spectrum, hp[i], seeds[i], out[i], log_var[i])
+                for i in range(len(seeds))]
+        for job in jobs:
+            job.result()  # re-raises a worker's exception here
+
+    def _worker_pool(self) -> ThreadPoolExecutor:
+        # A pool made before a fork (Celery prefork) has no threads in the child: remake it.
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool = ThreadPoolExecutor(
+                max_workers=self.threads, thread_name_prefix="astronn-mc",
+                initializer=torch.set_num_threads, initargs=(1,),  # per thread under OpenMP
+            )
+            self._pool_pid = os.getpid()
+        return self._pool
+
+    def _sample_groups(self, hp: torch.Tensor, seeds: list[int], out: np.ndarray,
+                       log_var: np.ndarray) -> None:
+        """GPU: groups of spectra, all passes of a group in one set of kernels."""
+        lay = self.layout
+        group = max(1, self.max_rows // self.mc_passes)
+        gen = torch.Generator(device=hp.device)
+        for start in range(0, len(seeds), group):
+            stop = min(len(seeds), start + group)
+            raw = [torch.empty(stop - start, self.mc_passes * w // 4, dtype=torch.int64,
+                               device=hp.device) for w in lay.widths]
+            for i in range(start, stop):  # one generator stream per spectrum
+                draw_random16(seeds[i], self.mc_passes, lay, gen, tuple(r[i - start] for r in raw))
+            r1, r2, r3 = (r.view(torch.int16).view(stop - start, self.mc_passes, w)
+                          for r, w in zip(raw, lay.widths))
+            o, lv = self._forward(hp[start:stop], r1, r2, r3, self.mc_passes)
+            out[start:stop] = o.cpu().numpy()
+            log_var[start:stop] = lv.cpu().numpy()
