@@ -27,7 +27,9 @@ MISSING = 0.2  # high, so that the survey has stars with missing Ks and missing 
 
 # DR17 chip edges: the [min, max] pixel over the visits of the two real files (HDU1 rows 2+)
 # of the first covered pixel of each chip and of the first gap pixel after it.
-REAL_EDGE_RANGES = ((197, 202), (3320, 3324), (3533, 3538), (6126, 6130), (6291, 6295), (8378, 8382))
+REAL_EDGE_RANGES = (
+    (197, 202), (3320, 3324), (3533, 3538), (6126, 6130), (6291, 6295), (8378, 8382)
+)  # fmt: skip
 MASKED = 0xFF | (1 << 12)  # the bits the continuum code masks
 
 
@@ -55,7 +57,7 @@ def col(rows, name: str) -> np.ndarray:
 
 def coadd(path: Path) -> tuple[fits.Header, np.ndarray, np.ndarray, np.ndarray]:
     with fits.open(path) as hdul:
-        return hdul[0].header, hdul[1].data[0].copy(), hdul[2].data[0].copy(), hdul[3].data[0].copy()
+        return (hdul[0].header, *(hdul[i].data[0].copy() for i in (1, 2, 3)))
 
 
 def runs(mask: np.ndarray) -> list[tuple[int, int]]:

@@ -13,7 +13,8 @@ What one star is (all relations are stated so a reader can check a row of the ca
   [4500, 6500] K, ``logg = 4.65 - 0.2 (Teff - 4500)/1000 +- 0.07`` clipped to [4.0, 4.7],
   ``mass = (Teff / 5772 K)^1.6`` Msun. [M/H]: 88 % N(-0.05, 0.22), 12 % uniform in
   [-1.5, -0.5], clipped to [-1.5, 0.4]; [alpha/M] 0.3 below [M/H] = -1 falling linearly to 0 at
-  [M/H] = 0 (+- 0.05).
+  [M/H] = 0 (+- 0.05); [C/N] = 0.1 - 0.45 (M / Msun - 0.8) for giants (first dredge-up: the
+  mass signal astroNN finds in real giants' CN and CO) and 0.1 for dwarfs (+- 0.05).
 * Luminosity. ``R^2 = M / g`` (solar units) so ``L / Lsun = (M / Msun) 10^(logg_sun - logg)
   (Teff / Teff_sun)^4`` with Teff_sun = 5772 K, logg_sun = 4.438 (IAU 2015 B3);
   ``M_bol = 4.74 - 2.5 log10(L / Lsun)`` (IAU 2015 B2);
@@ -23,8 +24,8 @@ What one star is (all relations are stated so a reader can check a row of the ca
   over 3800-6500 K, which is all a synthetic truth needs); ``M_Ks = M_bol - BC_Ks``;
   ``fakemag = 10^(0.2 M_Ks + 2)``. (Red clump: M_Ks ~ -1.7; Sun: 3.27.)
 * Photometry. ``E(B-V)`` log-uniform in [0.01, 1.0]; ``A_K = 0.3517 E(B-V)`` (the pipeline's own
-  coefficient, worker.distance.A_K_PER_EBV); Ks drawn uniformly in [7, 13.5] (APOGEE's range) further
-  limited to distances of 50 pc - 20 kpc;
+  coefficient, worker.distance.A_K_PER_EBV); Ks drawn uniformly in [7, 13.5] (APOGEE's
+  range) further limited to distances of 50 pc - 20 kpc;
   ``dist = 10 pc * 10^((Ks - M_Ks - A_K) / 5)`` and the catalog Ks is recomputed as
   ``M_Ks + 5 log10(dist / 10 pc) + A_K`` so the relation holds to rounding. Photometry carries no
   noise: the pipeline's distance for a perfect fakemag is the true distance.
@@ -34,16 +35,25 @@ What one star is (all relations are stated so a reader can check a row of the ca
   (45 %), its E(B-V) (45 %) or both (10 %) are NaN in the catalog and -9999.99 in the header
   (written as float32(-9999.99) = -9999.990234375, exactly like DR17). The truth columns
   (m_ks, dist, a_k) are always filled.
-* Spectrum. ``flux = C(lambda) * exp(-sum_i tau_i phi_i(lambda))`` with phi_i Gaussians (peak 1)
-  of a fixed line list (:func:`line_list`: the same 1,000-odd components for every survey) and
+* Spectrum. ``flux = C(lambda) * exp(-sum_i d_i phi_i(lambda))`` with phi_i Gaussians (peak 1,
+  sigma 1.35-1.9 pixels for lines, as APOGEE's R ~ 22,500) of a fixed line list
+  (:func:`line_list`: the same ~5,400 components for every survey, seeded by a constant),
+  ``d_i = -ln(1 - 0.75 (1 - exp(-tau_i)))`` (a single line saturates at depth 0.75) and
   ``log10 tau_i = log10 s_i + a_i [M/H] + alpha_i [alpha/M] + b_i (5040/Teff - 1)
-  + c_i (logg - 2.5)``: neutral metal lines (b > 0: stronger when cool), alpha-element lines,
-  gravity-sensitive strong lines with pressure-broadened wings (c > 0, the wing component
-  grows with g), ionised lines (c < 0: stronger at low gravity), CO band heads (luminosity
-  sensitive, c < 0), OH and CN molecular forests (very Teff sensitive) and the hydrogen Brackett
-  series 11-20 (b < 0: strong only in warm dwarfs). Luminosity is therefore recoverable from
-  the spectrum, as in real stars. The continuum C is a blackbody at Teff reddened by A_lambda,
-  times a smooth instrument response (cubic, +-2 %), scaled so the median flux is
+  + c_i (logg - 2.5) + n_i [C/N]``: neutral metal lines (b > 0: stronger when cool),
+  alpha-element lines, gravity-sensitive strong lines with pressure-broadened wings (c > 0, the
+  wing component grows with g), ionised lines (c < 0: stronger at low gravity), CO band heads
+  (luminosity sensitive, c < 0; carbon, n > 0), C I lines, OH and CN molecular forests (very
+  Teff sensitive; CN follows nitrogen, n < 0) and the hydrogen Brackett series 11-20 (b < 0:
+  strong only in warm dwarfs). Randomly placed lines keep 3 pixels away from the DR17
+  continuum pixels (which were chosen where real spectra are line free), so the continuum fit
+  behaves as on real spectra. Luminosity is therefore recoverable from the spectrum, as in real
+  stars (tests/test_synth.py: a linear fit on 500 spectra gets M_Ks to ~0.5 mag; a small MLP on
+  8,000 to ~8 % in fakemag). Line depths were tuned on the two real files: normalised median,
+  scatter and 1st percentile 0.92 / 0.10 / 0.59 for a 3677 K, log g 0.5, [M/H] -0.29 giant (real
+  0.92 / 0.12 / 0.56) and 0.99 / 0.055 / 0.76 for a 5226 K dwarf (real 0.99 / 0.056 / 0.74).
+  The continuum C is a blackbody at Teff reddened by A_lambda, times a smooth instrument
+  response (cubic, +-2 %), scaled so the median flux is
   ``740 * 10^(-0.4 (H - 10.44))`` in 10^-17 erg/s/cm^2/Angstrom with a 5 % calibration scatter
   (the two real files lie on this line: H = 10.32 -> 831, H = 10.58 -> 656).
 * Noise and pixel flags, matched to the two real DR17 files (tests/test_synth.py compares them):
@@ -58,12 +68,14 @@ What one star is (all relations are stated so a reader can check a row of the ca
   rays (bit 1), and the chip edges (bits 0+7 and a decaying unflagged error halo).
 
 File layout (DR17, see /work/shared/data/README.md): primary header with OBJID, K, H, SFD_EBV,
-NVISITS, SNR, SNRVISn, the wavelength solution and ``SYNTHETC = T``; HDU1 flux, HDU2 error
+NVISITS, SNR, SNRVISn (0 for a single visit, as DR17), the wavelength solution and
+``SYNTHETC = T`` (plus SYNSEED, SYNINDEX); HDU1 flux, HDU2 error
 (float64), HDU3 bitmask (int64), each (rows, 8575) with rows = 2 + nvisits when nvisits > 1
 (row 0 the coadd, row 1 the second combination, then the visits) and 2 when nvisits = 1 (row 1
 all zeros, as in DR17). In the coadd and row 1 the chip gaps are NaN in flux and error with
-bitmask 0; in visit rows they are 0. Each visit covers a window shifted by 0-5 pixels (its
-radial-velocity shift), and the coadd covers their intersection, as in the real files.
+bitmask 0; in visit rows they are 0. Each visit's chip edges are shifted by 0-5 pixels (its
+radial-velocity shift) within the ranges the real visits show, and the coadd covers their
+intersection, as in the real files (772-787 gap pixels; real 774 and 784).
 HDUs 4-10 (sky, sky error, telluric, telluric error, LSF, two RV tables) are present but empty
 (NAXIS = 0) so that the HDU count and indices match DR17 while the files stay small; nothing in
 this project reads them.
@@ -100,8 +112,7 @@ CATALOG_NAME = "catalog.csv"
 SPECTRA_DIR = "apstar"
 CATALOG_COLUMNS = (
     "path", "spectrum_id", "k_mag", "ebv", "teff", "logg", "m_h", "alpha_m", "c_n", "mass",
-    "m_ks",
-    "fakemag", "dist", "a_k", "h_mag", "snr", "nvisits", "kind",
+    "m_ks", "fakemag", "dist", "a_k", "h_mag", "snr", "nvisits", "kind",
 )  # fmt: skip
 
 # The Sun (IAU 2015 B2/B3; Willmer 2018 for M_Ks).
@@ -133,7 +144,11 @@ HUGE_ERROR = 4.5e12
 
 # Visit coverage per chip, [start, stop) pixel: each edge lies in the range the visits of the two
 # real DR17 files show, (lowest, highest); a visit's radial-velocity shift moves all six edges.
-_CHIP_EDGES = (((197, 202), (3320, 3324)), ((3533, 3538), (6126, 6130)), ((6291, 6295), (8378, 8382)))
+_CHIP_EDGES = (
+    ((197, 202), (3320, 3324)),
+    ((3533, 3538), (6126, 6130)),
+    ((6291, 6295), (8378, 8382)),
+)
 _CHIP_WINDOWS = tuple((start[0], stop[0]) for start, stop in _CHIP_EDGES)
 _MAX_VISIT_SHIFT = 5
 _MAX_EDGE_FLAGGED = 10
@@ -286,9 +301,10 @@ def draw_star(
 
     return SyntheticStar(
         index=index, spectrum_id=spectrum_id, kind=kind, teff=teff, logg=logg, m_h=m_h,
-        alpha_m=alpha_m, c_n=float(c_n), mass=float(mass), m_ks=m_ks, fakemag=float(fakemag_from_absolute(m_ks)),
-        dist=dist, ebv=ebv, a_k=a_k, ks=ks, h_mag=h_mag, k_missing=k_missing,
-        ebv_missing=ebv_missing, snr_target=snr, nvisits=nvisits,
+        alpha_m=alpha_m, c_n=float(c_n), mass=mass, m_ks=m_ks,
+        fakemag=float(fakemag_from_absolute(m_ks)), dist=dist, ebv=ebv, a_k=a_k, ks=ks,
+        h_mag=h_mag, k_missing=k_missing, ebv_missing=ebv_missing, snr_target=snr,
+        nvisits=nvisits,
     )  # fmt: skip
 
 
@@ -353,9 +369,10 @@ def line_list() -> LineList:
         if centers is None:
             centers = rng.choice(allowed, n) + rng.uniform(-0.5, 0.5, n)
         centers = np.asarray(centers, dtype=float)
-        draw = lambda v: rng.uniform(*v, n) if isinstance(v, tuple) else np.broadcast_to(  # noqa: E731
-            np.asarray(v, float), (n,))
-        coef = np.stack([draw(v) for v in (log_s, a, alpha, b, c, cn)], axis=1)
+        def draw(v):  # a (low, high) range, or values
+            return rng.uniform(*v, n) if isinstance(v, tuple) else np.broadcast_to(v, (n,))
+
+        coef = np.stack([draw(v) for v in (log_s, a, alpha, b, c, cn)], axis=1).astype(float)
         sig = rng.choice(_NARROW_SIGMAS, n) if sigma is None else np.full(n, float(sigma))
         parts.append((centers, sig, coef, group))
         return centers, coef
@@ -563,9 +580,9 @@ def _draw_flags(rng: np.random.Generator, windows: list[tuple[int, int]]) -> _Fl
         persist = (f.bitmask & (PERSIST_LOW | PERSIST_MED | PERSIST_HIGH)) != 0
         f.bias[persist] = rng.uniform(0.005, 0.03)
     # Bad-pixel clusters, with unflagged large-error neighbours.
-    combos = np.array([BADPIX | BADDARK | BADFLAT | NOT_ENOUGH_PSF, BADPIX | BADFLAT | NOT_ENOUGH_PSF,
-                       BADPIX | BADDARK | NOT_ENOUGH_PSF, BADPIX | NOSKY, BADPIX,
-                       BADPIX | BADDARK | BADFLAT | NOT_ENOUGH_PSF | PERSIST_MED])  # fmt: skip
+    psf = BADPIX | NOT_ENOUGH_PSF
+    combos = np.array([psf | BADDARK | BADFLAT, psf | BADFLAT, psf | BADDARK, BADPIX | NOSKY,
+                       BADPIX, psf | BADDARK | BADFLAT | PERSIST_MED])  # fmt: skip
     for _ in range(int(rng.integers(3, 21))):
         s, e = windows[int(rng.integers(0, 3))]
         w = int(rng.integers(2, 9))
@@ -627,8 +644,10 @@ class StarArrays:
     snr_visits: list[float]
 
 
-def star_arrays(star: SyntheticStar, absorption: np.ndarray, rng: np.random.Generator) -> StarArrays:
-    """The observed arrays of ``star`` given its normalised model spectrum ``absorption`` (8575,)."""
+def star_arrays(
+    star: SyntheticStar, absorption: np.ndarray, rng: np.random.Generator
+) -> StarArrays:
+    """The observed arrays of ``star`` given its normalised model ``absorption`` (8575,)."""
     nvis = star.nvisits
     shifts = rng.integers(0, _MAX_VISIT_SHIFT + 1, size=(nvis, 1)) + rng.integers(0, 2, (nvis, 3))
     shifts = np.minimum(shifts, _MAX_VISIT_SHIFT)
@@ -645,7 +664,8 @@ def star_arrays(star: SyntheticStar, absorption: np.ndarray, rng: np.random.Gene
     flags = _draw_flags(rng, coadd_windows)
     # The header SNR is the median flux/err over all covered pixels, flagged ones included:
     # rescale so that median is the drawn S/N.
-    err_clean *= np.median(np.where(flags.huge, 0.0, model / (err_clean * flags.factor))[cover]) / star.snr_target
+    snr_now = np.where(flags.huge, 0.0, model / (err_clean * flags.factor))
+    err_clean *= np.median(snr_now[cover]) / star.snr_target
     noise_scale = np.where(flags.huge, 1.0, np.minimum(flags.factor, 5.0))
     bias = flags.bias * cont
 
@@ -674,7 +694,8 @@ def star_arrays(star: SyntheticStar, absorption: np.ndarray, rng: np.random.Gene
             inside = _coverage(windows)
             scale = math.sqrt(nvis) * weights[v]
             row = 2 + v
-            flux[row] = model + bias + scale * err_clean * noise_scale * rng.standard_normal(N_PIXELS)
+            noise = scale * err_clean * noise_scale * rng.standard_normal(N_PIXELS)
+            flux[row] = model + bias + noise
             extra_edge = inside & ~cover  # covered by this visit only: unusable in DR17 too
             huge = flags.huge | extra_edge
             err[row] = np.where(huge, huge_err, scale * err_clean * flags.factor)
@@ -796,14 +817,18 @@ def write_survey(
     the first 10 stars of a survey of 1,000), and different seeds give independent stars with
     different OBJIDs. Returns the catalog path. Catalog columns: ``path`` (relative to the
     catalog's folder), ``spectrum_id`` (the OBJID), ``k_mag`` and ``ebv`` (NaN when missing),
-    the truth ``teff`` [K], ``logg``, ``m_h``, ``alpha_m``, ``mass`` [Msun], ``m_ks`` [mag],
-    ``fakemag``, ``dist`` [pc], ``a_k`` [mag], ``h_mag``, and ``snr`` (the header SNR),
-    ``nvisits``, ``kind``. ``chunk`` stars share one matrix product for their line absorption.
+    the truth ``teff`` [K], ``logg``, ``m_h``, ``alpha_m``, ``c_n``, ``mass`` [Msun],
+    ``m_ks`` [mag], ``fakemag``, ``dist`` [pc], ``a_k`` [mag], ``h_mag``, and ``snr`` (the
+    header SNR), ``nvisits``, ``kind``. ``visits``: (min, max) visits per star, drawn with
+    probability ~ 1/nvisits; ``visits=(1, 1)`` gives the smallest files (2 rows, ~0.4 MB).
+    ``chunk`` stars share one line-absorption computation.
     """
     if n < 0 or seed < 0:
         raise ValueError(f"n and seed must be >= 0, got n={n}, seed={seed}")
     if not 0.0 <= missing_fraction <= 1.0:
         raise ValueError(f"missing_fraction must be in [0, 1], got {missing_fraction}")
+    if not 1 <= visits[0] <= visits[1]:
+        raise ValueError(f"visits must be (min, max) with 1 <= min <= max, got {visits!r}")
     out_dir = Path(out_dir)
     spectra_dir = out_dir / SPECTRA_DIR
     spectra_dir.mkdir(parents=True, exist_ok=True)
