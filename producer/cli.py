@@ -70,11 +70,11 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals hold URLs with passwords
 )
 
-FLAG_NAMES = {
-    1: "fakemag_unreliable",
-    2: "missing_photometry",
-    4: "missing_extinction",
-    2048: "no_result",
+FLAG_CODES = {  # result_flags bit -> (letter in the table, meaning)
+    1: ("U", "fakemag unreliable"),
+    2: ("K", "no Ks"),
+    4: ("E", "no E(B-V)"),
+    2048: ("X", "no result"),
 }
 TABLE_ROWS = 50  # rows shown by `run`; the database has them all
 
@@ -147,10 +147,10 @@ def _progress() -> Progress:
 
 
 def _flag_text(flags: int | None) -> str:
+    """``result_flags`` as its value and letters, e.g. ``5 UE``."""
     if not flags:
-        return ""
-    names = [name for bit, name in FLAG_NAMES.items() if flags & bit]
-    return f"{flags} " + ",".join(names)
+        return "0"
+    return f"{flags} " + "".join(code for bit, (code, _) in FLAG_CODES.items() if flags & bit)
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -175,24 +175,29 @@ def _rows_for(engine: Engine, model_id: str, spectrum_ids: Sequence[str]) -> lis
 
 
 def _results_table(rows: Sequence[dict[str, Any]], limit: int = TABLE_ROWS) -> Table:
-    table = Table(title=f"results ({len(rows)} spectra" + (f", first {limit})" if len(rows) > limit else ")"))
-    table.add_column("spectrum_id", no_wrap=True, overflow="fold")
-    table.add_column("dist [pc]", justify="right")
-    table.add_column("dist_err [pc]", justify="right")
-    table.add_column("K [mag]", justify="right")
-    table.add_column("E(B-V)", justify="right")
-    table.add_column("flags")
-    table.add_column("error", overflow="fold")
-    for row in rows[:limit]:
-        table.add_row(
+    shown = rows[:limit]
+    title = f"results: {len(rows)} spectra" + (f" (first {limit} shown)" if len(rows) > limit else "")
+    legend = (
+        "dist, err [pc]; Ks, E(B-V) [mag] as used; flags: "
+        + ", ".join(f"{c} {meaning}" for c, meaning in FLAG_CODES.values())
+    )
+    table = Table(title=title, caption=legend)
+    table.add_column("spectrum_id", overflow="fold")  # the one column that may wrap
+    for header in ("dist", "err", "Ks", "E(B-V)", "flags"):
+        table.add_column(header, justify="right" if header != "flags" else "left", no_wrap=True)
+    errors = any(row.get("error") for row in shown)
+    if errors:
+        table.add_column("error", overflow="fold")
+    for row in shown:
+        cells = [
             row["spectrum_id"],
-            _fmt(row["dist"], ".1f"),
-            _fmt(row["dist_err"], ".1f"),
+            _fmt(row["dist"], ".0f"),
+            _fmt(row["dist_err"], ".0f"),
             _fmt(row["k_mag"], ".3f"),
-            _fmt(row["ebv"], ".4f"),
+            _fmt(row["ebv"], ".3f"),
             _flag_text(row["result_flags"]),
-            row.get("error") or "",
-        )
+        ]
+        table.add_row(*cells, *([row.get("error") or ""] if errors else []))
     return table
 
 
@@ -483,20 +488,23 @@ def status(
     engine.dispose()
 
 
-def _summary_table(summ: Any) -> Table:
-    """Render :func:`worker.results.summary`'s mapping (or list of mappings) as a table."""
-    rows = summ if isinstance(summ, list) else [summ]
-    table = Table(title="results")
-    keys: list[str] = []
-    for row in rows:
-        for key in dict(row):
-            if key not in keys:
-                keys.append(key)
+def _summary_table(lines: Sequence[dict[str, Any]]) -> Table:
+    """:func:`worker.results.summary` (one dict per model) as a table with a column per model."""
+    from datetime import datetime
+
+    table = Table(title="results by model")
+    table.add_column("")
+    for line in lines:
+        table.add_column(str(line.get("model_id") or "(none)"), justify="right", overflow="fold")
+    keys = [k for k in (lines[0] if lines else {}) if k != "model_id"]
     for key in keys:
-        table.add_column(key)
-    for row in rows:
-        row = dict(row)
-        table.add_row(*[str(row.get(k, "")) for k in keys])
+        cells = []
+        for line in lines:
+            value = line.get(key)
+            if isinstance(value, datetime):
+                value = value.isoformat(sep=" ", timespec="seconds")
+            cells.append("" if value is None else str(value))
+        table.add_row(key, *cells)
     return table
 
 
@@ -640,12 +648,18 @@ def _user_message(exc: BaseException) -> str | None:
             return f"cannot use the results database: {first}"
         if isinstance(exc, sa_exc.NoSuchModuleError):
             return f"bad database URL: {exc}"
+    import kombu.exceptions
     import redis.exceptions
 
-    if isinstance(exc, redis.exceptions.ConnectionError):
+    if isinstance(exc, (redis.exceptions.ConnectionError, kombu.exceptions.OperationalError)):
         return f"cannot reach the broker: {exc}"
-    for module, name in (("worker.model", "CheckpointError"), ("worker.spectra", "SpectrumError"),
-                         ("worker.import_astronn", "AstroNNImportError"), ("worker.messages", "MessageError")):
+    for module, name in (
+        ("worker.model", "CheckpointError"),
+        ("worker.spectra", "SpectrumError"),
+        ("worker.import_astronn", "AstroNNImportError"),
+        ("worker.messages", "MessageError"),
+        ("worker.results", "SchemaError"),
+    ):
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None and isinstance(exc, cls):
             return str(exc)

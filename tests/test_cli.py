@@ -1,0 +1,203 @@
+"""The command line: `run` end to end on the real files, and the service commands around it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import sqlalchemy as sa
+
+from producer.cli import _flag_text, main
+from producer.enqueue import model_id_of
+from worker.config import QUEUE
+
+from test_producer import queued_messages  # noqa: E402  (tests/ is on sys.path)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run ``astronn-dist ARGS`` in this process: (exit status, stdout, stderr)."""
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path: Path):
+    """No ASTRONN_DIST_* from the caller's environment; a wide terminal; a scratch cwd."""
+    for name in list(os.environ):
+        if name.startswith("ASTRONN_DIST_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory) -> Path:
+    """A small checkpoint with random weights (the real network's shapes; seeded)."""
+    torch = pytest.importorskip("torch")
+    from worker.model import ApogeeDistBCNN, save_checkpoint
+
+    torch.manual_seed(0)
+    return save_checkpoint(ApogeeDistBCNN(), tmp_path_factory.mktemp("model") / "random.pt")
+
+
+def _rows(database_url: str) -> list[dict]:
+    engine = sa.create_engine(database_url)
+    with engine.connect() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(sa.text("SELECT * FROM astro_nn_dist ORDER BY spectrum_id"))]
+    engine.dispose()
+    return rows
+
+
+def test_run_on_the_real_files(capsys, shared_data: Path, apstar_files: list[Path], random_model: Path, sqlite_url: str, tmp_path: Path):
+    folder = tmp_path / "apstar"
+    folder.mkdir()
+    for f in apstar_files:
+        shutil.copy(f, folder / f.name)
+    (folder / "apStar-dr17-broken.fits").write_bytes(b"not a FITS file")
+    args = ["run", str(folder), "--model", str(random_model), "--mc-passes", "10", "--db", sqlite_url]
+    code, out, err = cli(capsys, *args)
+    assert code == 0, out + err
+    rows = _rows(sqlite_url)
+    assert [r["spectrum_id"] for r in rows] == sorted(
+        [f.name for f in apstar_files] + ["apStar-dr17-broken.fits"]
+    )
+    model_id = model_id_of(random_model)
+    assert {r["model_id"] for r in rows} == {model_id} and {r["mc_passes"] for r in rows} == {10}
+    broken = next(r for r in rows if r["spectrum_id"] == "apStar-dr17-broken.fits")
+    good = [r for r in rows if r is not broken]
+    assert broken["error"] and broken["result_flags"] & 2048 and broken["dist"] is None
+    assert all(r["error"] is None and r["L_fakemag"] is not None for r in good)
+    # The bulge giant has header K but no SFD_EBV: missing extinction, from the header.
+    bulge = next(r for r in good if "2M17335483" in r["spectrum_id"])
+    assert bulge["k_mag"] == pytest.approx(9.811, abs=1e-3) and bulge["result_flags"] & 4
+    # The printed table: every spectrum, its flags, the error and the summary line.
+    for r in rows:
+        assert r["spectrum_id"] in out
+    assert _flag_text(bulge["result_flags"]) in out and "2048 X" in out and "E no E(B-V)" in out
+    assert "3 spectra processed" in out and model_id in out
+
+    # Again: everything is done for this model, nothing is recomputed; --force redoes it.
+    code, out, _ = cli(capsys, *args)
+    assert code == 0 and "3 already done" in out and "0 spectra processed" in out
+    created = [r["created"] for r in _rows(sqlite_url)]
+    code, out, _ = cli(capsys, *args, "--force")
+    assert code == 0 and "3 spectra processed" in out
+    assert len(_rows(sqlite_url)) == 3 and [r["created"] for r in _rows(sqlite_url)] != created
+
+    # export, in the three formats, reads back the same rows.
+    from astropy.table import Table
+
+    for name in ("out.csv", "out.fits", "out.parquet"):
+        code, out, err = cli(capsys, "export", str(tmp_path / name), "--db", sqlite_url)
+        assert code == 0 and "wrote 3 rows" in out, out + err
+        if name.endswith(".parquet"):  # standard nulls (astropy 8's parquet reader trips on them)
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(tmp_path / name).to_pylist()
+            assert [r["spectrum_id"] for r in table] == [r["spectrum_id"] for r in rows]
+            assert [r["dist"] for r in table] == [r["dist"] for r in _rows(sqlite_url)]
+            continue
+        table = Table.read(tmp_path / name)
+        assert sorted(table["spectrum_id"]) == [r["spectrum_id"] for r in rows]
+        assert "dist" in table.colnames and "result_flags" in table.colnames
+        broken_row = table[list(table["spectrum_id"]).index("apStar-dr17-broken.fits")]
+        assert np.ma.is_masked(broken_row["dist"]) and broken_row["error"] == broken["error"]
+
+
+def test_requeue_failed(capsys, redis_url: str, sqlite_url: str, random_model: Path, tmp_path: Path, apstar_files: list[Path]):
+    folder = tmp_path / "spectra"
+    folder.mkdir()
+    shutil.copy(apstar_files[1], folder / apstar_files[1].name)
+    (folder / "apStar-dr17-broken.fits").write_bytes(b"truncated")
+    code, out, err = cli(capsys, "run", str(folder), "--model", str(random_model), "--mc-passes", "2", "--db", sqlite_url)
+    assert code == 0, out + err
+    code, out, err = cli(capsys, "requeue", "--failed", "--broker", redis_url, "--db", sqlite_url, "--model", str(random_model))
+    assert code == 0 and "requeued 1 spectra in 1 messages" in out, out + err
+    (message,) = queued_messages(redis_url)
+    assert [s["spectrum_id"] for s in message["kwargs"]["spectra"]] == ["apStar-dr17-broken.fits"]
+    code, out, err = cli(capsys, "requeue", "--broker", redis_url, "--db", sqlite_url, "--model", str(random_model))
+    assert code == 2 and "--failed" in err
+
+
+def test_produce_and_reconcile(capsys, redis_url: str, sqlite_url: str, tmp_path: Path):
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"m")
+    catalog = tmp_path / "stars.csv"
+    catalog.write_text("path,K\n" + "".join(f"spectra/apStar-{i}.fits,{9 + i / 10}\n" for i in range(300)))
+    common = ["--broker", redis_url, "--db", sqlite_url, "--model", str(model)]
+    code, out, err = cli(capsys, "produce", "--catalog", str(catalog), "--chunk-size", "128", *common)
+    assert code == 0, out + err
+    assert "found 300 spectra" in out and "enqueued 300 spectra in 3 messages" in out and "spectra/s" in out
+    assert [len(m["kwargs"]["spectra"]) for m in queued_messages(redis_url)] == [128, 128, 44]
+    # reconcile: everything is on the queue already.
+    code, out, err = cli(capsys, "reconcile", "--catalog", str(catalog), *common)
+    assert code == 0 and "300 are on the queue; enqueued 0" in out, out + err
+    # The queue is lost (e.g. Redis restarted without persistence): reconcile sends it all again.
+    redis.Redis.from_url(redis_url).delete(QUEUE)
+    code, out, err = cli(capsys, "reconcile", "--catalog", str(catalog), *common)
+    assert code == 0 and "0 are on the queue; enqueued 300 in 3 messages" in out, out + err
+
+
+def test_status_masks_passwords(capsys, redis_url: str, postgres_url: str, tmp_path: Path):
+    # PostgreSQL here trusts local connections, so a URL with a password still connects.
+    db = postgres_url.replace("postgres@", "postgres:hunter2@")
+    code, out, err = cli(capsys, "migrate", "--db", db)
+    assert code == 0, out + err
+    code, out, err = cli(capsys, "status", "--broker", redis_url, "--db", db)
+    assert code == 0, out + err
+    assert "postgres:***@" in out and f"queue {QUEUE}: 0 messages waiting" in out
+    assert "hunter2" not in out + err
+    # A broker that cannot be reached: one line, exit 2, still no password.
+    code, out, err = cli(capsys, "status", "--broker", "redis://:hunter2@127.0.0.1:1/0", "--db", db)
+    assert code == 2 and "cannot reach the broker at redis://:***@127.0.0.1:1/0" in err
+    assert "hunter2" not in out + err and "Traceback" not in out + err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["produce", "--catalog", "missing.csv"], "missing.csv: catalog not found"),
+        (["run", "no/such/folder"], "no/such/folder: no such file or folder"),
+        (["run", "."], "no apStar files found"),
+        (["migrate", "--db", "nosuchdb://x"], "bad database URL"),
+        (["export", "out.txt"], "unknown format '.txt'"),
+        (["run", ".", "--model", "missing.pt"], "model checkpoint not found: missing.pt"),
+    ],
+)
+def test_user_errors_are_one_line(capsys, args: list[str], message: str, tmp_path: Path):
+    (tmp_path / "apStar-x.fits").write_bytes(b"x") if "missing.pt" in args else None
+    code, out, err = cli(capsys, *args)
+    assert code == 2, out + err
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_migrate_and_synth(capsys, sqlite_url: str, tmp_path: Path):
+    code, out, err = cli(capsys, "migrate", "--db", sqlite_url)
+    assert code == 0 and "up to date" in out, out + err
+    assert sa.inspect(sa.create_engine(sqlite_url)).has_table("astro_nn_dist")
+    code, out, err = cli(capsys, "synth", str(tmp_path / "survey"), "--n", "2", "--seed", "3")
+    assert code == 0, out + err
+    assert len(list((tmp_path / "survey").rglob("apStar-*.fits"))) == 2
+    assert (tmp_path / "survey" / "catalog.csv").is_file()
+
+
+def test_console_script_imports_no_torch():
+    code = "import sys, producer.cli; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([sys.executable, "-m", "producer.cli", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0 and "produce" in done.stdout
