@@ -286,3 +286,196 @@ def test_database_unavailable_is_told_from_other_errors(tmp_path: Path) -> None:
         conn.execute(sa.text("INSERT INTO t VALUES ('a')"))
     assert not database_unavailable(duplicate.value)
     assert not database_unavailable(OSError(5, "EIO"))
+
+
+# ---------------------------------------------------------------------------------------------
+# process_chunk: the task's body, on the real files and a real database
+
+
+@pytest.fixture(scope="module")
+def predictor(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    pytest.importorskip("torch")
+    from _service import build_checkpoint
+
+    from worker.inference import Predictor
+    from worker.model import load_model
+
+    checkpoint = build_checkpoint(shared_data, tmp_path_factory.mktemp("model") / "random-dr17.pt")
+    return Predictor(load_model(checkpoint), mc_passes=10, seed=0)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def engine(request: pytest.FixtureRequest):
+    from worker.results import make_engine, migrate
+
+    engine = make_engine(request.getfixturevalue(f"{request.param}_url"))
+    migrate(engine)
+    yield engine
+    engine.dispose()
+
+
+def _table(engine) -> dict[str, dict]:
+    import sqlalchemy as sa
+
+    from worker.results import astro_nn_dist
+
+    with engine.connect() as conn:
+        return {r.spectrum_id: dict(r._mapping) for r in conn.execute(sa.select(astro_nn_dist))}
+
+
+def _requests(apstar_files: list[Path], tmp_path: Path) -> list[SpectrumRequest]:
+    broken = tmp_path / "broken.fits"
+    broken.write_bytes(b"SIMPLE  =  nonsense")
+    return [
+        SpectrumRequest("bulge", str(apstar_files[0]), k_mag=None, ebv=None),
+        SpectrumRequest("kepler", str(apstar_files[1]), k_mag=10.5, ebv=0.19),
+        SpectrumRequest("broken", str(broken), k_mag=10.0, ebv=0.1),
+        SpectrumRequest("missing", str(tmp_path / "nope.fits")),
+    ]
+
+
+def test_process_chunk_writes_one_row_per_spectrum(
+    predictor, engine, apstar_files: list[Path], tmp_path: Path
+) -> None:
+    from worker.distance import FLAG_MISSING_EXTINCTION, FLAG_NO_RESULT
+    from worker.messages import InvalidSpectrum
+    from worker.tasks import process_chunk
+
+    invalid = [
+        InvalidSpectrum(4, "typo", "/x.fits", "invalid message entry 4: unknown key(s) kmag"),
+        InvalidSpectrum(5, None, None, "invalid message entry 5: must be an object, got int"),
+    ]
+    outcome = process_chunk(
+        _requests(apstar_files, tmp_path), predictor=predictor, engine=engine, task_id="t-1",
+        attempts=2, host="node@here", invalid=invalid,
+    )
+    assert (outcome.spectra, outcome.results, outcome.no_result, outcome.batches) == (5, 2, 3, 1)
+    table = _table(engine)
+    assert sorted(table) == ["broken", "bulge", "kepler", "missing", "typo"]
+    for row in table.values():
+        assert (row["task_id"], row["attempts"], row["host"]) == ("t-1", 2, "node@here")
+        assert row["model_id"] == predictor.model_id and row["mc_passes"] == 10
+    assert table["bulge"]["k_mag"] == pytest.approx(9.811)  # header photometry
+    assert table["bulge"]["result_flags"] & FLAG_MISSING_EXTINCTION  # header SFD_EBV missing
+    assert table["kepler"]["k_mag"] == 10.5 and table["kepler"]["dist"] > 0
+    for sid in ("broken", "missing", "typo"):
+        assert table[sid]["result_flags"] & FLAG_NO_RESULT and table[sid]["flag_bad"]
+        assert table[sid]["dist"] is None and table[sid]["error"]
+    assert "kmag" in table["typo"]["error"]
+
+    # Again (a redelivery): the same rows, rewritten, no duplicates.
+    process_chunk(_requests(apstar_files, tmp_path), predictor=predictor, engine=engine,
+                  task_id="t-1", attempts=3, host="other@there")
+    again = _table(engine)
+    assert len(again) == 5 and again["kepler"]["dist"] == table["kepler"]["dist"]
+    assert again["kepler"]["attempts"] == 3 and again["typo"]["attempts"] == 2
+
+
+def test_process_chunk_writes_all_rows_or_none(
+    predictor, engine, apstar_files: list[Path], tmp_path: Path
+) -> None:
+    import sqlalchemy as sa
+
+    from worker.tasks import process_chunk
+
+    # A database that refuses one of the rows (as a constraint would): nothing is written.
+    if engine.dialect.name == "sqlite":
+        ddl = ["CREATE TRIGGER refuse BEFORE INSERT ON astro_nn_dist WHEN NEW.spectrum_id = 'kepler' "
+               "BEGIN SELECT RAISE(ABORT, 'refused'); END"]
+    else:
+        ddl = ["CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN IF NEW.spectrum_id = 'kepler' "
+               "THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql",
+               "CREATE TRIGGER refuse BEFORE INSERT ON astro_nn_dist FOR EACH ROW "
+               "EXECUTE FUNCTION refuse()"]
+    with engine.begin() as conn:
+        for statement in ddl:
+            conn.execute(sa.text(statement))
+    with pytest.raises(sa.exc.DBAPIError, match="refused"):
+        process_chunk(_requests(apstar_files, tmp_path), predictor=predictor, engine=engine,
+                      task_id="t-2", attempts=1, host="h")
+    assert _table(engine) == {}
+
+
+def test_out_of_memory_splits_the_batch(predictor, sqlite_url: str, apstar_files: list[Path], tmp_path: Path) -> None:
+    """A predictor that runs out of memory above two spectra per batch (memory exhaustion cannot
+    be caused safely in a test, so this real Predictor is given a budget): the chunk is split in
+    halves until it fits, and every spectrum gets the numbers it gets in one batch."""
+    from worker.inference import Predictor
+    from worker.results import make_engine, migrate
+    from worker.tasks import process_chunk
+
+    class SmallMemoryPredictor(Predictor):
+        def predict(self, norm_flux, spectrum_ids):
+            if len(spectrum_ids) > 2:
+                raise MemoryError(f"cannot allocate a batch of {len(spectrum_ids)} spectra")
+            return super().predict(norm_flux, spectrum_ids)
+
+    small = SmallMemoryPredictor(predictor.model, mc_passes=10, seed=0)
+    requests = [SpectrumRequest(f"s{i}", str(apstar_files[i % 2])) for i in range(7)]
+    engine = make_engine(sqlite_url)
+    migrate(engine)
+    outcome = process_chunk(requests, predictor=small, engine=engine, task_id="t", attempts=1, host="h")
+    assert outcome.batches == 4 and outcome.results == 7  # 7 -> 3 + 4 -> (1 + 2) + (2 + 2)
+    table = _table(engine)
+    reference = process_chunk(requests, predictor=predictor, engine=engine, task_id="t", attempts=1, host="h")
+    assert reference.batches == 1
+    again = _table(engine)
+    for sid in table:
+        assert table[sid]["dist"] == pytest.approx(again[sid]["dist"], rel=1e-6)
+    engine.dispose()
+
+
+def test_a_single_spectrum_out_of_memory_is_raised_and_nothing_written(
+    predictor, sqlite_url: str, apstar_files: list[Path]
+) -> None:
+    from worker.inference import Predictor
+    from worker.results import make_engine, migrate
+    from worker.tasks import process_chunk
+
+    class NoMemoryPredictor(Predictor):
+        def predict(self, norm_flux, spectrum_ids):
+            raise MemoryError("no memory at all")
+
+    engine = make_engine(sqlite_url)
+    migrate(engine)
+    requests = [SpectrumRequest(f"s{i}", str(apstar_files[i % 2])) for i in range(3)]
+    with pytest.raises(MemoryError):  # the task retries it later
+        process_chunk(requests, predictor=NoMemoryPredictor(predictor.model, mc_passes=10),
+                      engine=engine, task_id="t", attempts=1, host="h")
+    assert _table(engine) == {}
+    engine.dispose()
+
+
+# ---------------------------------------------------------------------------------------------
+# A real worker refuses a pickled message
+
+
+@pytest.mark.service
+@pytest.mark.timeout(180)
+def test_a_pickled_message_is_refused_and_the_worker_lives_on(
+    redis_url: str, sqlite_url: str, shared_data: Path, apstar_files: list[Path], tmp_path: Path
+) -> None:
+    from _service import (
+        Worker, build_checkpoint, publish, queue_length, rows, spectra_farm, wait_for, worker_env,
+    )
+
+    checkpoint = build_checkpoint(shared_data, tmp_path / "model.pt")
+    entries = spectra_farm(apstar_files, tmp_path / "spectra", 3)
+    worker = Worker(worker_env(redis_url=redis_url, database_url=sqlite_url, model=checkpoint),
+                    tmp_path / "worker.log", name="pickle")
+    try:
+        worker.wait_ready()
+        pickled_entries = [dict(e, spectrum_id="pickled-" + e["spectrum_id"]) for e in entries]
+        pickled = publish(redis_url, {"spectra": pickled_entries}, serializer="pickle")
+        good = publish(redis_url, {"spectra": entries})
+        ids = [e["spectrum_id"] for e in entries]
+        wait_for(lambda: {r["spectrum_id"] for r in rows(sqlite_url)} >= set(ids), 90,
+                 "the JSON chunk's rows", worker)
+        log = worker.log()
+        assert "ContentDisallowed" in log and "application/x-python-serialize" in log
+        assert not any(r["spectrum_id"].startswith("pickled-") for r in rows(sqlite_url))
+        assert f"chunk {good}: 3 spectra" in log and f"chunk {pickled}" not in log
+        assert queue_length(redis_url) == 0  # refused means removed, not left to loop
+        assert worker.proc.poll() is None
+    finally:
+        worker.stop()

@@ -205,11 +205,11 @@ def _invalid_records(invalid: Iterable[InvalidSpectrum], predictor: Predictor) -
 
 
 def _write(engine: Engine, records: Sequence[ResultRecord], *, task_id: str | None, attempts: int, host: str) -> None:
-    """Upsert ``records`` in one transaction (committed when this returns)."""
+    """Upsert ``records`` in one transaction (committed when this returns; on SQLite it takes
+    the write lock first, BEGIN IMMEDIATE, so concurrent workers queue instead of failing)."""
     from worker.results import upsert_results
 
-    with engine.begin() as conn:
-        upsert_results(conn, records, task_id=task_id, attempts=attempts, host=host)
+    upsert_results(engine, records, task_id=task_id, attempts=attempts, host=host)
 
 
 def process_chunk(
