@@ -276,7 +276,11 @@ def _process_here(
     from worker.model import load_model
     from worker.tasks import process_chunk
 
-    loaded = load_model(settings.model_path, device=resolve_device(settings.device))
+    try:
+        device = resolve_device(settings.device)
+    except ValueError as exc:  # e.g. --device cuda on a machine without CUDA
+        raise UserError(str(exc)) from exc
+    loaded = load_model(settings.model_path, device=device)
     predictor = Predictor(loaded, mc_passes=settings.mc_passes, seed=settings.seed)
     console.print(
         f"model {loaded.model_id} on {loaded.device}, {settings.mc_passes} MC passes, "
@@ -358,15 +362,24 @@ def worker(
         Optional[int], typer.Option(min=1, help="Pool processes [default: one per GPU, else 1].")
     ] = None,
     model: ModelOpt = None,
+    mc_passes: Annotated[Optional[int], typer.Option(min=2, help="MC-dropout passes [ASTRONN_DIST_MC_PASSES].")] = None,
+    seed: Annotated[Optional[int], typer.Option(min=0, help="Global dropout seed [ASTRONN_DIST_SEED].")] = None,
     broker: BrokerOpt = None,
     db: DbOpt = None,
 ) -> None:
-    """Serve the queue: load the model once per process and write results to the database."""
-    settings = _settings(broker_url=broker, database_url=db, model_path=model, device=device)
+    """Serve the queue: load the model once per process and write results to the database.
+    SIGTERM: finish the running chunks, then stop."""
+    settings = _settings(
+        broker_url=broker, database_url=db, model_path=model, device=device,
+        mc_passes=mc_passes, seed=seed,
+    )
     _model_id(settings)  # fail early, before any process starts
     from worker.serve import run_worker
 
-    run_worker(settings, device=settings.device, concurrency=concurrency, model=settings.model_path)
+    try:
+        run_worker(settings, device=settings.device, concurrency=concurrency, model=settings.model_path)
+    except ValueError as exc:  # the device/concurrency plan: e.g. --device cuda without a GPU
+        raise UserError(str(exc)) from exc
 
 
 @app.command()

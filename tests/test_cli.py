@@ -201,3 +201,56 @@ def test_console_script_imports_no_torch():
     assert done.returncode == 0, done.stderr
     done = subprocess.run([sys.executable, "-m", "producer.cli", "--help"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0 and "produce" in done.stdout
+
+
+def test_produce_then_worker_end_to_end(capsys, redis_url: str, sqlite_url: str, random_model: Path, apstar_files: list[Path], shared_data: Path):
+    """The service path: `produce` the real files, a `worker` subprocess writes their rows,
+    SIGTERM stops it cleanly."""
+    import signal
+    import time
+
+    common = ["--broker", redis_url, "--db", sqlite_url, "--model", str(random_model)]
+    code, out, err = cli(capsys, "produce", str(shared_data / "apstar"), *common)
+    assert code == 0 and "enqueued 2 spectra in 1 messages" in out, out + err
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", "worker", "--device", "cpu", "--concurrency", "1",
+         "--mc-passes", "10", *common],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.time() + 240
+        rows: list[dict] = []
+        while time.time() < deadline and worker.poll() is None:
+            try:
+                rows = _rows(sqlite_url)
+            except sa.exc.OperationalError:  # the worker has not created the table yet
+                rows = []
+            if len(rows) == 2:
+                break
+            time.sleep(0.5)
+        assert [r["spectrum_id"] for r in rows] == [f.name for f in apstar_files]
+        assert all(r["mc_passes"] == 10 and r["model_id"] == model_id_of(random_model) for r in rows)
+        assert redis.Redis.from_url(redis_url).llen(QUEUE) == 0
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            output = worker.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            output = worker.communicate()[0]
+    assert worker.returncode == 0, output[-3000:]
+    # Produce again: both are done for this model, nothing is sent.
+    code, out, err = cli(capsys, "produce", str(shared_data / "apstar"), *common)
+    assert code == 0 and "skipped 2 already done" in out and "enqueued 0 spectra" in out
+
+
+def test_run_refuses_bad_device_and_corrupt_checkpoint(capsys, shared_data: Path, random_model: Path, sqlite_url: str, tmp_path: Path):
+    spectra = str(shared_data / "apstar")
+    code, out, err = cli(capsys, "run", spectra, "--model", str(random_model), "--device", "tpu", "--db", sqlite_url)
+    assert code == 2 and "device 'tpu'" in err and "Traceback" not in err
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(random_model.read_bytes()[:1000])
+    code, out, err = cli(capsys, "run", spectra, "--model", str(corrupt), "--db", sqlite_url)
+    assert code == 2 and str(corrupt) in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
