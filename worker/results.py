@@ -374,8 +374,10 @@ def upsert_results(
     fresh ``created``. Every column except the key and ``id`` is overwritten.
 
     Args:
-        target: an Engine (a transaction is opened and committed here) or a Connection (its
-            transaction is used and NOT committed: the caller commits, e.g. ``engine.begin()``).
+        target: an Engine (a transaction is opened and committed here) or a Connection: its
+            open transaction is used and NOT committed (the caller commits, e.g. inside
+            ``engine.begin()``, together with its other writes); with none open, one is
+            opened and committed here.
         rows: dicts with the column names (as ``ResultRecord.as_row()``) or objects with an
             ``as_row()`` method (``worker.pipeline.ResultRecord``). Required: spectrum_id,
             model_id, path, pipeline_version, result_flags, flag_warn, flag_bad. Non-finite
