@@ -167,7 +167,7 @@ BOUNDS = {
     "huge_err": (0.004, 0.03),
     "rel_err_p5": (0.75, 0.92),
     "rel_err_p50": (0.93, 1.02),
-    "rel_err_p95": (1.3, 2.1),
+    "rel_err_p95": (1.6, 2.1),
     "flux_at_h": (650.0, 850.0),
     "bit12": (0.012, 0.03),  # SIG_SKYLINE
     "bit13": (0.04, 0.07),  # SIG_TELLURIC

@@ -62,7 +62,7 @@ What one star is (all relations are stated so a reader can check a row of the ca
   drawn SNR (log-uniform 50-300; the header SNR is the measured median of flux/err); fixed
   survey features with fixed wavelengths (OH sky lines: bit 12 SIG_SKYLINE, error x10-30; CO2 /
   H2O telluric bands: bit 13 SIG_TELLURIC; the Littrow ghost: bit 8), detector persistence on a
-  third of the stars (bits 9-11 PERSIST_HIGH/MED/LOW, error x1.5-6 and a small flux excess),
+  half of the stars (bits 9-11 PERSIST_HIGH/MED/LOW, error x1.5-6 and a small flux excess),
   clusters of bad pixels (bits 0 BADPIX, 4 BADDARK, 5 BADFLAT, 14 NOT_ENOUGH_PSF, 7 NOSKY;
   error ~ 5e12 as DR17 writes it, with a few unflagged neighbours of large error), cosmic
   rays (bit 1), and the chip edges (bits 0+7 and a decaying unflagged error halo).
@@ -555,6 +555,9 @@ def _draw_flags(rng: np.random.Generator, windows: list[tuple[int, int]]) -> _Fl
             w = int(rng.integers(3, 10))
             lo = int(round(c + rng.integers(-2, 3))) - w // 2
             f.set(lo, lo + w, SIG_SKYLINE, rng.uniform(10.0, 30.0), huge=rng.random() < 0.04)
+            wing = rng.uniform(2.0, 6.0)  # the line's unflagged wings still carry sky noise
+            f.halo(lo - 1, -1, wing, 0.6, 4)
+            f.halo(lo + w, +1, wing, 0.6, 4)
     # Telluric lines: flagged, errors barely raised.
     for c in feat.telluric:
         if rng.random() < 0.8:
@@ -565,8 +568,9 @@ def _draw_flags(rng: np.random.Generator, windows: list[tuple[int, int]]) -> _Fl
     if rng.random() < 0.6:
         lo = 4374 + int(rng.integers(0, 20))
         f.set(lo, lo + int(rng.integers(50, 66)), LITTROW_GHOST)
-    # Persistence (the fibres of one third of the detector): two zones, low/med/high levels.
-    if rng.random() < 0.35:
+    # Persistence (fibres on the persistent part of the detector; both real files have it): two
+    # zones, low/med/high levels.
+    if rng.random() < 0.5:
         lo = 3543 + int(rng.integers(0, 10))
         f.set(lo, lo + int(rng.integers(60, 110)), PERSIST_LOW, rng.uniform(1.5, 2.0))
         zone_hi = 6116 + int(rng.integers(0, 5))
@@ -608,11 +612,15 @@ def _draw_flags(rng: np.random.Generator, windows: list[tuple[int, int]]) -> _Fl
 
 
 def _throughput(rng: np.random.Generator) -> np.ndarray:
-    """Relative error shape t(lambda) (8575,): ~1.2x at the blue end, ~2x at the red end."""
+    """Relative error shape t(lambda) (8575,), as in the real files (per 250 pixels, relative to
+    the quietest part): 1.25x falling to 1 across the blue chip, 1-1.1x on the green chip, and
+    the red chip (a different detector) at 1.2x rising to 2.2x at its red end."""
     x = np.arange(N_PIXELS) / (N_PIXELS - 1)
-    blue = rng.uniform(0.15, 0.3) * np.clip(1.0 - x / 0.45, 0.0, None) ** 2
-    red = rng.uniform(1.0, 1.4) * np.clip((x - 0.66) / 0.34, 0.0, None) ** 2
-    return 1.0 + blue + red
+    blue = rng.uniform(0.2, 0.3) * np.clip(1.0 - x / 0.3, 0.0, None) ** 1.5
+    green = rng.uniform(0.05, 0.15) * np.clip((x - 0.45) / 0.25, 0.0, 1.0)
+    red_x = np.clip((x - 0.72) / 0.26, 0.0, None)
+    red = np.where(x >= 0.72, rng.uniform(0.15, 0.25) + rng.uniform(0.9, 1.3) * red_x**2, 0.0)
+    return 1.0 + blue + green + red
 
 
 def _continuum(
