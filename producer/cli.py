@@ -405,8 +405,6 @@ def watch(
     engine = _engine(settings.database_url)
     if not _has_table(engine):
         console.print("note: no results table yet (astronn-dist migrate): nothing counts as done")
-        engine.dispose()
-        engine = None
     options = WatchOptions(
         chunk_size=chunk_size,
         poll_interval=poll_interval,
@@ -435,6 +433,7 @@ def watch(
         totals = watcher.run()
     console.log(f"stopped: {totals.enqueued} spectra enqueued in {totals.messages} messages")
     client.close()
+    engine.dispose()
 
 
 @app.command()

@@ -25,7 +25,8 @@ rewritten, not duplicated), never loses one.
 
 A catalog (``--catalog``) gives spectrum_id and photometry to the files it lists, wherever they
 are; it is read again when it changes (once it stays unchanged for ``min_age``), so rows added
-to it are picked up. Its files need not lie in the watched folders.
+to it are picked up. Its files need not lie in the watched folders. A changed row of a file
+already enqueued is not sent again (the file did not change): ``produce --force`` for those.
 
 Cost: each poll lists the whole tree (one stat per file): about a second per million files on a
 local disk, more on a network file system; choose ``poll_interval`` accordingly.
@@ -154,7 +155,8 @@ class Watcher:
         publisher: an entered :class:`producer.enqueue.Publisher`.
         state: the enqueued versions (:class:`WatchState`).
         model_id: the model whose results count as done.
-        engine: the results database (None: no table check, e.g. before ``migrate``).
+        engine: the results database (None: no table check); before ``migrate`` has created
+            the table nothing counts as done.
         catalog: optional catalog file (see the module doc).
         options: timing and chunk size.
         log: where progress lines go.
@@ -200,6 +202,7 @@ class Watcher:
         self._catalog_version: tuple[int, int] | None = None
         self._catalog_observed: tuple[int, int] | None = None
         self._stop = threading.Event()
+        self._table_seen = False
         self._extra = provenance("watch " + " ".join(self.dirs), model_id)
         if self.catalog is not None:
             self._load_catalog(self._stat_catalog())
@@ -284,7 +287,7 @@ class Watcher:
                 else:
                     fresh.append(c)
             created: dict[str, float] = {}
-            if self.engine is not None and not self.options.force and fresh:
+            if not self.options.force and fresh and self._table_exists():
                 created = rows_created(self.engine, self.model_id, [c.request.spectrum_id for c in fresh])
             done: dict[str, str] = {}
             for c in fresh:
@@ -299,6 +302,16 @@ class Watcher:
                 self._observed.pop(path, None)
             report.skipped_done += len(batch) - len(fresh) + len(done)
         return out
+
+    def _table_exists(self) -> bool:
+        """Whether the results table exists (checked until it does: ``migrate`` may come later)."""
+        if self.engine is None:
+            return False
+        if not self._table_seen:
+            import sqlalchemy as sa
+
+            self._table_seen = sa.inspect(self.engine).has_table("astro_nn_dist")
+        return self._table_seen
 
     def poll_once(self) -> PollReport:
         """List the folders once, queue up the ready files, send full (or overdue) chunks."""

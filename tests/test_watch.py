@@ -277,3 +277,24 @@ def test_sigterm_flushes_pending_and_exits_cleanly(
     reader.join(timeout=5)
     assert [s["spectrum_id"] for s in _spectra_sent(redis_url)] == [a.name]
     assert any("stopped: 1 spectra enqueued in 1 messages" in line for line in lines), "".join(lines)
+
+
+def test_table_created_after_the_watcher_started(
+    settings: Settings, watch_dir: Path, apstar_files: list[Path], redis_url: str
+):
+    """Started before `migrate`: nothing counts as done; once the table exists, its rows do."""
+    from worker import results
+
+    from test_producer import _write_rows
+
+    a, b = apstar_files
+    _copy(a, watch_dir / a.name, age=60)
+    engine = results.make_engine(settings.database_url)
+    h = Harness(settings, [watch_dir], engine=engine)
+    assert sum(r.enqueued for r in h.polls(3)) == 1
+    _write_rows(settings.database_url, h.model_id, [b.name])  # migrates, then a row newer than b
+    _copy(b, watch_dir / b.name, age=60)
+    reports = h.polls(3)
+    assert sum(r.enqueued for r in reports) == 0 and sum(r.skipped_done for r in reports) == 1
+    h.close()
+    engine.dispose()
