@@ -50,8 +50,8 @@ What one star is (all relations are stated so a reader can check a row of the ca
   behaves as on real spectra. Luminosity is therefore recoverable from the spectrum, as in real
   stars (tests/test_synth.py: a linear fit on 500 spectra gets M_Ks to ~0.5 mag; a small MLP on
   8,000 to ~8 % in fakemag). Line depths were tuned on the two real files: normalised median,
-  scatter and 1st percentile 0.92 / 0.10 / 0.59 for a 3677 K, log g 0.5, [M/H] -0.29 giant (real
-  0.92 / 0.12 / 0.56) and 0.99 / 0.055 / 0.76 for a 5226 K dwarf (real 0.99 / 0.056 / 0.74).
+  scatter and 1st percentile 0.91 / 0.11 / 0.59 for a 3677 K, log g 0.5, [M/H] -0.29 giant (real
+  0.92 / 0.12 / 0.56) and 0.99 / 0.056 / 0.76 for a 5226 K dwarf (real 0.99 / 0.056 / 0.74).
   The continuum C is a blackbody at Teff reddened by A_lambda, times a smooth instrument
   response (cubic, +-2 %), scaled so the median flux is
   ``740 * 10^(-0.4 (H - 10.44))`` in 10^-17 erg/s/cm^2/Angstrom with a 5 % calibration scatter
