@@ -221,11 +221,14 @@ def test_same_spectrum_same_numbers_in_any_batch(model, flux):
     picks = [4, 1, 5]
     sub = pred.predict(flux[picks], [ids[i] for i in picks])
     single = Predictor(model, mc_passes=100, seed=9, threads=1).predict(flux[[3]], [ids[3]])
+    shared = pred.predict(flux[[2]], [ids[2]])  # one spectrum: its passes split among workers
     tiled = Predictor(model, mc_passes=100, seed=9, pass_tile=7).predict(flux[:6], ids)
     again = Predictor(model, mc_passes=100, seed=9).predict(flux[:6], ids)
     np.testing.assert_allclose(sub.fakemag, full.fakemag[picks], rtol=1e-5)
     np.testing.assert_allclose(sub.fakemag_err, full.fakemag_err[picks], rtol=1e-5)
     np.testing.assert_allclose(single.fakemag, full.fakemag[[3]], rtol=1e-5)
+    np.testing.assert_allclose(shared.fakemag, full.fakemag[[2]], rtol=1e-5)
+    np.testing.assert_allclose(shared.fakemag_err, full.fakemag_err[[2]], rtol=1e-5)
     np.testing.assert_allclose(tiled.fakemag, full.fakemag, rtol=1e-5)
     np.testing.assert_allclose(tiled.fakemag_err, full.fakemag_err, rtol=1e-5)
     np.testing.assert_array_equal(again.fakemag, full.fakemag)

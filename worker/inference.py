@@ -412,29 +412,48 @@ class Predictor:
     def _one_spectrum(self, hp_row: torch.Tensor, seed: int, out: np.ndarray,
                       log_var: np.ndarray) -> None:
         """All passes of one spectrum on the CPU, into out and log_var (P,)."""
+        lay = self.layout
+        store = self._local.__dict__
+        if "generator" not in store:
+            store["generator"] = torch.Generator()
+        raw = tuple(
+            self._buffer(f"random{i}", (self.mc_passes * w // 4,), torch.int64, hp_row.device)
+            for i, w in enumerate(lay.widths)
+        )
+        masks = draw_random16(seed, self.mc_passes, lay, store["generator"], raw)
+        self._passes(hp_row, masks, 0, self.mc_passes, out, log_var)
+
+    def _passes(self, hp_row: torch.Tensor, masks: tuple[torch.Tensor, ...], p0: int, p1: int,
+                out: np.ndarray, log_var: np.ndarray) -> None:
+        """Passes p0..p1-1 of one spectrum (masks from :func:`draw_random16`), on the CPU."""
         with torch.inference_mode():  # grad mode is per thread: set it in the worker
-            lay = self.layout
-            store = self._local.__dict__
-            if "generator" not in store:
-                store["generator"] = torch.Generator()
-            raw = tuple(
-                self._buffer(f"random{i}", (self.mc_passes * w // 4,), torch.int64, hp_row.device)
-                for i, w in enumerate(lay.widths)
-            )
-            r1, r2, r3 = draw_random16(seed, self.mc_passes, lay, store["generator"], raw)
-            o, lv = self._forward(hp_row[None], r1[None], r2[None], r3[None], self.pass_tile)
-            out[:] = o[0].numpy()
-            log_var[:] = lv[0].numpy()
+            r1, r2, r3 = (m[None, p0:p1] for m in masks)
+            o, lv = self._forward(hp_row[None], r1, r2, r3, self.pass_tile)
+            out[p0:p1] = o[0].numpy()
+            log_var[p0:p1] = lv[0].numpy()
 
     def _sample_cpu(self, hp: torch.Tensor, seeds: list[int], out: np.ndarray,
                     log_var: np.ndarray) -> None:
-        if self.threads == 1 or len(seeds) == 1:
-            for i in range(len(seeds)):
+        n = len(seeds)
+        if self.threads == 1:
+            for i in range(n):
                 self._one_spectrum(hp[i], seeds[i], out[i], log_var[i])
             return
         pool = self._worker_pool()
-        jobs = [pool.submit(self._one_spectrum, hp[i], seeds[i], out[i], log_var[i])
-                for i in range(len(seeds))]
+        if n >= self.threads:  # one spectrum per job: everything stays in one core's cache
+            jobs = [pool.submit(self._one_spectrum, hp[i], seeds[i], out[i], log_var[i])
+                    for i in range(n)]
+        else:
+            # Fewer spectra than workers: draw each spectrum's numbers here (a generator stream
+            # is serial anyway), then share its passes out among the workers.
+            parts = -(-self.threads // n)
+            bounds = np.linspace(0, self.mc_passes, parts + 1).round().astype(int)
+            jobs = []
+            for i in range(n):
+                masks = draw_random16(seeds[i], self.mc_passes, self.layout)
+                jobs += [pool.submit(self._passes, hp[i], masks, int(p0), int(p1), out[i],
+                                     log_var[i])
+                         for p0, p1 in zip(bounds[:-1], bounds[1:]) if p1 > p0]
         for job in jobs:
             job.result()  # re-raises a worker's exception here
 

@@ -1,0 +1,140 @@
+"""Throughput of MC-dropout inference: the fast Predictor against the reference algorithm.
+
+The reference is SDSS-V astra's ``ApogeeDistBCNN.predict``: for a batch, ``passes`` full forward
+passes of the network with dropout on (here :class:`worker.model.ApogeeDistBCNN` in train mode),
+then the mean/variance. Both run in the same process, on the same spectra and weights, so the
+ratio is meaningful even on a busy machine (the absolute numbers are not).
+
+    python bench/bench_inference.py                 # batches 1, 32, 256; reference at 1 and 256
+    python bench/bench_inference.py --quick         # fewer spectra, a rough number in seconds
+    python bench/bench_inference.py --device cuda --batches 256 1024
+
+Weights are random (throughput does not depend on their values); the spectra are synthetic
+normalized fluxes around 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from worker.inference import Predictor, resolve_device
+from worker.model import ApogeeDistBCNN, LoadedModel
+
+
+@dataclass
+class Row:
+    method: str
+    batch: int
+    spectra: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        """Spectra per second."""
+        return self.spectra / self.seconds
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reference_rate(net: ApogeeDistBCNN, flux: np.ndarray, batch: int, passes: int,
+                   device: torch.device) -> Row:
+    """SDSS-V's loop: for each batch, `passes` forward passes with dropout on."""
+    net.train()
+    n_done = 0
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, len(flux), batch):
+            x = torch.from_numpy(flux[start : start + batch]).to(device)
+            runs = [net(x) for _ in range(passes)]
+            out = torch.stack([r[0] for r in runs])
+            log_var = torch.stack([r[1] for r in runs])
+            _ = (out.mean(0), torch.sqrt(torch.exp(log_var.mean(0)) + out.var(0)))
+            n_done += len(x)
+    _sync(device)
+    net.eval()
+    return Row("reference (100 full passes)" if passes == 100 else f"reference ({passes} passes)",
+               batch, n_done, time.perf_counter() - t0)
+
+
+def predictor_rate(pred: Predictor, flux: np.ndarray, batch: int) -> Row:
+    ids = [f"bench-{i}" for i in range(len(flux))]
+    _sync(pred.device)
+    t0 = time.perf_counter()
+    for start in range(0, len(flux), batch):
+        pred.predict(flux[start : start + batch], ids[start : start + batch])
+    _sync(pred.device)
+    return Row("Predictor", batch, len(flux), time.perf_counter() - t0)
+
+
+def run(batches: Sequence[int] = (1, 32, 256), reference_batches: Sequence[int] = (1, 256),
+        passes: int = 100, device: str = "auto", threads: int | None = None,
+        min_spectra: int = 256, reference_spectra: int = 128, repeat: int = 2) -> list[Row]:
+    """Measure; each figure is the best of ``repeat`` runs over at least ``min_spectra``."""
+    dev = resolve_device(device)
+    torch.manual_seed(0)
+    net = ApogeeDistBCNN().to(dev).eval()
+    loaded = LoadedModel(net=net, model_id="bench", path=Path("bench.pt"), device=dev)
+    pred = Predictor(loaded, mc_passes=passes, seed=0, threads=threads)
+    rng = np.random.default_rng(0)
+    n = max(min_spectra, max(batches), max(reference_batches, default=1))
+    flux = 1.0 + 0.05 * rng.standard_normal((n, 7514))
+    pred.predict(flux[:4], ["w0", "w1", "w2", "w3"])  # warm up (threads, buffers, kernels)
+    rows = []
+    for b in batches:
+        rows.append(min((predictor_rate(pred, flux[: max(b, min_spectra)], b)
+                         for _ in range(repeat)), key=lambda r: r.seconds))
+    for b in reference_batches:
+        m = max(b, min(reference_spectra, n))
+        rows.append(min((reference_rate(net, flux[:m], b, passes, dev)
+                         for _ in range(max(1, repeat - 1))), key=lambda r: r.seconds))
+    pred.close()
+    return rows
+
+
+def table(rows: Sequence[Row], device: torch.device, threads: int, passes: int) -> str:
+    ref = max((r.rate for r in rows if r.method.startswith("reference")), default=float("nan"))
+    lines = [
+        f"MC-dropout inference, {passes} passes/spectrum, device {device}, "
+        f"torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
+        f"Predictor workers {threads}",
+        f"{'method':<30}{'batch':>7}{'spectra':>9}{'seconds':>10}{'spectra/s':>11}"
+        f"{'x best ref':>12}",
+    ]
+    for r in rows:
+        lines.append(f"{r.method:<30}{r.batch:>7}{r.spectra:>9}{r.seconds:>10.2f}"
+                     f"{r.rate:>11.1f}{r.rate / ref:>12.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--passes", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="Predictor CPU workers (default: torch.get_num_threads())")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
+    parser.add_argument("--reference-batches", type=int, nargs="*", default=[1, 256])
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="64 spectra, one run each")
+    args = parser.parse_args(argv)
+    n = 64 if args.quick else 256
+    rows = run(args.batches, args.reference_batches, args.passes, args.device, args.threads,
+               min_spectra=n, reference_spectra=128 if not args.quick else 32,
+               repeat=1 if args.quick else args.repeat)
+    threads = args.threads or torch.get_num_threads()
+    print(table(rows, resolve_device(args.device), threads, args.passes))
+
+
+if __name__ == "__main__":
+    main()
