@@ -224,6 +224,48 @@ def test_a_database_outage_is_retried_until_the_rows_are_written(
     print(f"\noutage: chunk written at attempt {found[ids[2]]['attempts']}")
 
 
+def test_a_failure_that_persists_ends_in_no_result_rows_after_bounded_retries(
+    redis_url: str, sqlite_url: str, checkpoint: Path, apstar_files: list[Path], tmp_path: Path,
+    workers: list[Worker],
+) -> None:
+    import sqlalchemy as sa
+
+    from worker.results import make_engine, migrate
+    from worker.tasks import DEFAULT_MAX_RETRIES
+
+    # The database refuses one spectrum's result (not a connection problem: an error that no
+    # retry cures), but accepts rows that record a failure.
+    engine = make_engine(sqlite_url)
+    migrate(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "CREATE TRIGGER refuse BEFORE INSERT ON astro_nn_dist "
+            "WHEN NEW.spectrum_id = 'star-0001' AND NEW.error IS NULL "
+            "BEGIN SELECT RAISE(ABORT, 'refused by the test database'); END"))
+    engine.dispose()
+    entries = spectra_farm(apstar_files, tmp_path / "spectra", 3)
+    ids = [e["spectrum_id"] for e in entries]
+    # A visibility timeout of 4 s caps the backoff at 2 s, so the retries take seconds.
+    w = Worker(worker_env(redis_url=redis_url, database_url=sqlite_url, model=checkpoint,
+                          ASTRONN_DIST_VISIBILITY_TIMEOUT=4), tmp_path / "w.log", name="persist")
+    workers.append(w)
+    # Warm first: a chunk that waits longer than the visibility timeout for its process to load
+    # the model would (rightly) be delivered a second time.
+    wait_for(lambda: " warm in " in w.log(), 60, "the worker's warm-up", w)
+    t0 = time.monotonic()
+    task_id = publish(redis_url, {"spectra": entries})
+    wait_for(_all_written(sqlite_url, ids), 120, "the failed chunk's rows", w)
+    found = _one_row_each(sqlite_url, ids)
+    attempts = DEFAULT_MAX_RETRIES + 1
+    for r in found:  # the whole chunk shares the fate of its transaction
+        assert r["result_flags"] & FLAG_NO_RESULT and r["attempts"] == attempts
+        assert r["error"].startswith(f"gave up after {attempts} attempts: IntegrityError")
+        assert "refused by the test database" in r["error"]
+    assert w.log().count(f"chunk {task_id} (3 spectra), attempt") == DEFAULT_MAX_RETRIES
+    print(f"\npersistent failure: {len(found)} no-result rows after {attempts} attempts in "
+          f"{time.monotonic() - t0:.1f} s")
+
+
 def test_invalid_message_is_rejected_and_not_retried(
     redis_url: str, sqlite_url: str, checkpoint: Path, apstar_files: list[Path], tmp_path: Path,
     workers: list[Worker],

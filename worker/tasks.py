@@ -398,11 +398,17 @@ class WorkerState:
         """Load the model and open the database now (in a thread), so the first task need not."""
 
         def run() -> None:
-            for part in (self.predictor, self.engine):
-                try:
-                    part()
-                except Exception as exc:  # noqa: BLE001 - the first task retries and reports it
-                    log.warning("warm-up of process %d: %s: %s", self.pid, type(exc).__name__, exc)
+            t0 = time.perf_counter()
+            try:
+                predictor = self.predictor()
+                self.engine()
+            except Exception as exc:  # noqa: BLE001 - the first task retries and reports it
+                log.warning("warm-up of process %d: %s: %s", self.pid, type(exc).__name__, exc)
+                return
+            log.info(
+                "process %d warm in %.1f s: model %s on %s, results database migrated",
+                self.pid, time.perf_counter() - t0, predictor.model_id, predictor.device,
+            )
 
         threading.Thread(target=run, name="astronn-dist-warm-up", daemon=True).start()
 
