@@ -16,19 +16,26 @@ How, fast (each step is the same arithmetic as the reference, in another order):
    input of each pass is cut into chunks of 16 positions x 2 channels, and each chunk gives
    the 8 x 4 outputs of its middle 8 positions (a banded "Toeplitz" matrix holds the taps).
    Two grids of chunks, offset by 8 positions, cover all outputs; both are plain strided
-   views of one buffer, so nothing is copied. Max pooling (4 positions) stays inside a block
-   and its outputs interleave straight into Keras's channel-last flatten order.
-4. ReLU is applied after max pooling (they commute), on a quarter of the values.
+   views of one buffer, so nothing is copied. (oneDNN's direct convolution with 2 and 4
+   channels is ~2x slower here.) Max pooling (4 positions) stays inside a block: a 1-D max
+   pool over the product's columns, whose outputs interleave straight into Keras's
+   channel-last flatten order.
+4. conv2's bias and ReLU are applied after max pooling (max(y + b) = max(y) + b for a
+   per-channel b, and ReLU commutes with max), on a quarter of the values.
 5. The inverted-dropout scale 1/keep is folded into the next layer's weights (conv2, dense_1,
-   dense_2), so a mask is a multiplication by 0 or 1.
+   dense_2), so a mask is a multiplication by 0 or 1; the 0/1 mask is a comparison written
+   straight into float32 (5x faster than multiplying by a bool tensor).
 6. Masks come from 16-bit random integers: one 64-bit draw of the generator gives four. A unit
    is dropped when its 16-bit value is among the lowest ``round(0.3 * 65536)`` = 19661 of 65536,
    so the keep probability is 45875/65536 = 0.6999969 (0.7 to 3e-6). ``torch.bernoulli_`` costs
    about 10x more; 8-bit draws would give 0.6992, off by 8e-4.
 7. On the CPU, whole spectra go to a pool of single-threaded workers (one per core): each
-   spectrum's working set stays in that core's cache and mask generation, which is serial per
-   generator, runs on all cores at once. A single spectrum uses the caller's intra-op threads.
-   Passes are processed in tiles of a few dozen so the per-tile buffers stay in cache.
+   spectrum's working set stays in that core's cache, mask generation (serial per generator)
+   runs on all cores at once, and no OpenMP team spins on a busy machine. With fewer spectra
+   than workers, a spectrum's passes are shared among them. Passes are processed in tiles of
+   25 so the per-tile buffers stay in cache, and the buffers are reused from spectrum to
+   spectrum (a fresh multi-MB tensor costs page faults that can exceed the arithmetic).
+8. On a GPU, groups of spectra (``max_rows`` spectrum-passes) go through one set of kernels.
 
 Reproducibility: the masks of a spectrum come from a generator seeded with
 ``spectrum_seed(seed, spectrum_id)`` and are drawn in a fixed layout for all passes at once, so a
@@ -195,8 +202,14 @@ class Predictor:
     seed
         Global seed; with a spectrum's id it seeds that spectrum's masks.
     threads
-        CPU only: workers, one spectrum each (default ``torch.get_num_threads()``, i.e. the
-        cores PyTorch uses). 1 runs everything in the calling thread.
+        CPU only: single-threaded workers, one spectrum at a time each (default
+        ``torch.get_num_threads()``, the cores PyTorch uses). 1 runs everything in the
+        calling thread (with its intra-op threads). Several worker processes on one machine
+        should share the cores out (e.g. 4 processes x ``threads=4`` on 16 cores).
+    pass_tile
+        CPU only: passes per tile of the convolution stage (cache-sized buffers).
+    max_rows
+        GPU only: spectrum-passes per group (~0.25 MB of GPU memory each).
     """
 
     def __init__(self, model: LoadedModel, mc_passes: int = DEFAULT_MC_PASSES,
@@ -221,7 +234,7 @@ class Predictor:
         self.threads = max(1, int(threads if threads is not None else torch.get_num_threads()))
         self.pass_tile = max(1, int(pass_tile))
         # Rows (spectrum x pass) per block of work on a GPU: bounds its memory (~0.4 MB a row).
-        self.max_rows = int(max_rows or (8192 if self.device.type == "cuda" else 4096))
+        self.max_rows = int(max_rows or 4096)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
         self._local = threading.local()
@@ -450,7 +463,10 @@ class Predictor:
             bounds = np.linspace(0, self.mc_passes, parts + 1).round().astype(int)
             jobs = []
             for i in range(n):
-                masks = draw_random16(seeds[i], self.mc_passes, self.layout)
+                raw = tuple(self._buffer(f"split{i}-{k}", (self.mc_passes * w // 4,),
+                                         torch.int64, hp.device)
+                            for k, w in enumerate(self.layout.widths))
+                masks = draw_random16(seeds[i], self.mc_passes, self.layout, out=raw)
                 jobs += [pool.submit(self._passes, hp[i], masks, int(p0), int(p1), out[i],
                                      log_var[i])
                          for p0, p1 in zip(bounds[:-1], bounds[1:]) if p1 > p0]
