@@ -153,13 +153,14 @@ def test_a_chunk_that_keeps_killing_workers_is_parked(
 ) -> None:
     max_deliveries = 2
     entries = spectra_farm(apstar_files, tmp_path / "spectra", 20)
-    ids = [e["spectrum_id"] for e in entries]
+    typo = {"spectrum_id": "typo", "path": entries[0]["path"], "kmag": 9.0}  # invalid anyway
+    ids = [e["spectrum_id"] for e in entries] + ["typo"]
     env = worker_env(redis_url=redis_url, database_url=sqlite_url, model=checkpoint,
                      ASTRONN_DIST_MAX_DELIVERIES=max_deliveries, ASTRONN_DIST_MC_PASSES=1000)
     w = Worker(env, tmp_path / "w.log", name="poison")
     workers.append(w)
     w.wait_ready()
-    task_id = publish(redis_url, {"spectra": entries})
+    task_id = publish(redis_url, {"spectra": entries + [typo]})
     killed = []
     for delivery in range(1, max_deliveries + 1):
         # Each time the chunk starts, its pool process dies (as under the OOM killer); the
@@ -171,8 +172,11 @@ def test_a_chunk_that_keeps_killing_workers_is_parked(
     found = _one_row_each(sqlite_url, ids)
     for r in found:
         assert r["result_flags"] & FLAG_NO_RESULT and r["dist"] is None
-        assert f"worker died {max_deliveries} times processing this chunk" in r["error"]
         assert r["attempts"] == max_deliveries + 1
+        if r["spectrum_id"] == "typo":  # keeps its own reason
+            assert "unknown key(s) kmag" in r["error"]
+        else:
+            assert f"worker died {max_deliveries} times processing this chunk" in r["error"]
     assert w.proc.poll() is None  # the worker itself lives on
     assert len(set(killed)) == max_deliveries
     print(f"\nchunk parked after {len(killed)} killed pool processes: {len(found)} no-result rows")

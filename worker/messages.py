@@ -162,7 +162,9 @@ def _usable(entry: Any, key: str, max_chars: int) -> str | None:
 
 def _parse_provenance(payload: Mapping[str, Any]) -> dict[str, Any]:
     """Top-level fields other than ``spectra``, and a ``provenance`` object: JSON scalars only."""
-    items: list[tuple[str, Any]] = [(k, v) for k, v in payload.items() if k not in ("spectra", "provenance")]
+    items: list[tuple[str, Any]] = [
+        (k, v) for k, v in payload.items() if k not in ("spectra", "provenance")
+    ]
     nested = payload.get("provenance")
     if nested is not None:
         if not isinstance(nested, Mapping):
@@ -207,7 +209,9 @@ def split_message(payload: Any, *, data_roots: Iterable[Path] = ()) -> ParsedMes
         MessageError: the message as a whole is unusable (its text says why).
     """
     if not isinstance(payload, Mapping):
-        raise MessageError(f"a message must be an object with key 'spectra', got {_type_name(payload)}")
+        raise MessageError(
+            f"a message must be an object with key 'spectra', got {_type_name(payload)}"
+        )
     if "spectra" not in payload:
         raise MessageError(
             "a message must have key 'spectra': a list of "

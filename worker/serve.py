@@ -61,7 +61,8 @@ def gpu_count(timeout_s: float = 120.0) -> int:
     probe = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
     try:
         out = subprocess.run(
-            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=timeout_s, check=True
+            [sys.executable, "-c", probe],
+            capture_output=True, text=True, timeout=timeout_s, check=True,
         )
         return int(out.stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
@@ -93,7 +94,8 @@ def plan_worker(device: str, concurrency: int | None, *, n_gpus: int, cores: int
             raise ValueError(f"--device {device!r}: expected cuda:N with N a number") from None
         if index >= n_gpus:
             raise ValueError(
-                f"--device {device}: only {n_gpus} CUDA device(s) visible (cuda:0..cuda:{n_gpus - 1})"
+                f"--device {device}: only {n_gpus} CUDA device(s) visible "
+                f"(cuda:0..cuda:{n_gpus - 1})"
                 if n_gpus else f"--device {device}: no CUDA device is visible"
             )
         n = concurrency or 1
@@ -122,7 +124,9 @@ def worker_environment(settings: Settings, plan: WorkerPlan) -> dict[str, str]:
     return env
 
 
-def worker_argv(plan: WorkerPlan, *, loglevel: str = "INFO", hostname: str | None = None) -> list[str]:
+def worker_argv(
+    plan: WorkerPlan, *, loglevel: str = "INFO", hostname: str | None = None
+) -> list[str]:
     """``celery worker`` arguments. Gossip and mingle are off: they are chatter between workers
     that this service does not use (no revokes, no shared state), and mingle delays startup."""
     return [

@@ -129,13 +129,14 @@ def _free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _run_batches(requests: Sequence[SpectrumRequest], predictor: Predictor) -> tuple[list[ResultRecord], int]:
+def _run_batches(
+    requests: Sequence[SpectrumRequest], predictor: Predictor
+) -> tuple[list[ResultRecord], int]:
     """process_batch, splitting the batch in halves while it runs out of memory.
 
     Returns the records in request order and the number of batches it took. A single spectrum
     that still does not fit raises (the task retries it later, maybe on a freer device).
     """
-    oom = False
     try:
         return process_batch(requests, predictor), 1
     except Exception as exc:
@@ -145,9 +146,8 @@ def _run_batches(requests: Sequence[SpectrumRequest], predictor: Predictor) -> t
             "out of memory on a batch of %d spectra (%s); splitting it in halves",
             len(requests), type(exc).__name__,
         )
-        oom = True
-    # Outside the except block, so the traceback (and the tensors its frames hold) is gone.
-    assert oom
+    # Only reached after running out of memory; outside the except block, so the traceback (and
+    # the tensors its frames hold) is released before the halves run.
     _free_accelerator_memory()
     half = len(requests) // 2
     first, n_first = _run_batches(requests[:half], predictor)
@@ -189,7 +189,9 @@ def no_result_record(
     )
 
 
-def _invalid_records(invalid: Iterable[InvalidSpectrum], predictor: Predictor) -> list[ResultRecord]:
+def _invalid_records(
+    invalid: Iterable[InvalidSpectrum], predictor: Predictor
+) -> list[ResultRecord]:
     return [
         no_result_record(
             item.spectrum_id,
@@ -204,7 +206,14 @@ def _invalid_records(invalid: Iterable[InvalidSpectrum], predictor: Predictor) -
     ]
 
 
-def _write(engine: Engine, records: Sequence[ResultRecord], *, task_id: str | None, attempts: int, host: str) -> None:
+def _write(
+    engine: Engine,
+    records: Sequence[ResultRecord],
+    *,
+    task_id: str | None,
+    attempts: int,
+    host: str,
+) -> None:
     """Upsert ``records`` in one transaction (committed when this returns; on SQLite it takes
     the write lock first, BEGIN IMMEDIATE, so concurrent workers queue instead of failing)."""
     from worker.results import upsert_results
@@ -259,8 +268,7 @@ def process_chunk(
 
 
 def write_no_results(
-    items: Iterable[tuple[str, str]],
-    reason: str,
+    items: Iterable[tuple[str, str, str]],
     *,
     predictor: Predictor,
     engine: Engine,
@@ -268,13 +276,14 @@ def write_no_results(
     attempts: int,
     host: str,
 ) -> int:
-    """No-result rows for ``(spectrum_id, path)`` pairs, in one transaction; returns how many."""
+    """No-result rows for ``(spectrum_id, path, reason)`` items, in one transaction; returns
+    how many."""
     records = [
         no_result_record(
             sid, path, reason,
             model_id=predictor.model_id, mc_passes=predictor.mc_passes, seed=predictor.seed,
         )
-        for sid, path in items
+        for sid, path, reason in items
     ]
     _write(engine, records, task_id=task_id, attempts=attempts, host=host)
     return len(records)
@@ -497,9 +506,15 @@ def process(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 
     deliveries = state.count_delivery(task_id, retries) or 1
     attempts = retries + deliveries
-    spectra = [(r.spectrum_id, r.path) for r in parsed.requests] + [
-        (i.spectrum_id, i.path or "") for i in parsed.invalid if i.spectrum_id is not None
+    spectra = [(r.spectrum_id, r.path) for r in parsed.requests]
+    invalid_rows = [
+        (i.spectrum_id, i.path or "", i.reason) for i in parsed.invalid if i.spectrum_id is not None
     ]
+
+    def failed(reason: str) -> list[tuple[str, str, str]]:
+        """Rows for a chunk that gets no results: ``reason`` for its spectra, their own reason
+        for the entries that were invalid anyway."""
+        return [(sid, path, reason) for sid, path in spectra] + invalid_rows
 
     def retry(exc: BaseException, why: str) -> None:
         countdown = retry_countdown(retries, settings.visibility_timeout_s)
@@ -513,10 +528,15 @@ def process(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     # message must stay (retried without limit, with capped backoff).
     try:
         predictor = state.predictor()
+    except Exception as exc:  # noqa: BLE001
+        retry(exc, "cannot load the model")
+        raise  # not reached: retry() raises
+    try:
         engine = state.engine()
     except Exception as exc:  # noqa: BLE001
-        retry(exc, "database unavailable" if database_unavailable(exc) else "cannot load the model")
-        raise  # not reached: retry() raises
+        why = "database unavailable" if database_unavailable(exc) else "cannot open the database"
+        retry(exc, why)
+        raise
 
     if sent_for is not None and sent_for != predictor.model_id:
         log.warning(
@@ -529,10 +549,13 @@ def process(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             f"worker died {deliveries - 1} times processing this chunk (task {task_id}); "
             f"parked after {settings.max_deliveries} deliveries"
         )
-        log.error("chunk %s: %s; writing no-result rows for its %d spectra", task_id, reason, len(spectra))
+        log.error(
+            "chunk %s: %s; writing no-result rows for its %d spectra",
+            task_id, reason, len(spectra),
+        )
         try:
             n = write_no_results(
-                spectra, reason, predictor=predictor, engine=engine,
+                failed(reason), predictor=predictor, engine=engine,
                 task_id=task_id, attempts=attempts, host=host,
             )
         except Exception as exc:  # noqa: BLE001
@@ -549,10 +572,13 @@ def process(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if database_unavailable(exc) or retries < max_retries(settings):
             retry(exc, "database unavailable" if database_unavailable(exc) else "transient failure")
         reason = f"gave up after {attempts} attempts: {_describe(exc)}"
-        log.error("chunk %s: %s; writing no-result rows for its %d spectra", task_id, reason, len(spectra))
+        log.error(
+            "chunk %s: %s; writing no-result rows for its %d spectra",
+            task_id, reason, len(spectra),
+        )
         try:
             write_no_results(
-                spectra, reason, predictor=predictor, engine=engine,
+                failed(reason), predictor=predictor, engine=engine,
                 task_id=task_id, attempts=attempts, host=host,
             )
         except Exception as write_exc:  # noqa: BLE001
