@@ -48,8 +48,10 @@ def redis_url() -> str:
 
     if not _reachable(TEST_REDIS_URL):
         pytest.fail(f"Redis is not reachable at {TEST_REDIS_URL}: start it (see README, Testing)")
-    base = TEST_REDIS_URL.rsplit("/", 1)[0]
-    url = f"{base}/{int(os.environ.get('PYTEST_XDIST_WORKER', 'gw0')[2:] or 0) + 5}"
+    # A database number per pytest process (5..10), so concurrent test runs on one machine do
+    # not consume each other's messages; ASTRONN_DIST_TEST_REDIS_DB pins it.
+    db = int(os.environ.get("ASTRONN_DIST_TEST_REDIS_DB", 5 + os.getpid() % 6))
+    url = f"{TEST_REDIS_URL.rsplit('/', 1)[0]}/{db}"
     client = redis.Redis.from_url(url)
     client.flushdb()
     yield url
