@@ -260,9 +260,9 @@ def test_one_normalize_and_one_predict_per_batch(
     assert process_batch([], counting) == []
 
 
-@pytest.mark.parametrize("wrapped", [False, True])
-def test_transient_io_errors_propagate(
-    monkeypatch: pytest.MonkeyPatch, real: dict[str, str], predictor: Predictor, wrapped: bool
+@pytest.mark.parametrize("kind", ["raw-eio", "wrapped-eio", "wrapped-memory"])
+def test_transient_errors_propagate(
+    monkeypatch: pytest.MonkeyPatch, real: dict[str, str], predictor: Predictor, kind: str
 ) -> None:
     """EIO on a network file system is not the file's fault: the batch must be retried.
 
@@ -273,17 +273,21 @@ def test_transient_io_errors_propagate(
 
     def read(path: str):
         if path == flaky:
-            cause = OSError(errno.EIO, "Input/output error", path)
-            if not wrapped:
+            cause = (MemoryError() if kind == "wrapped-memory"
+                     else OSError(errno.EIO, "Input/output error", path))
+            if kind == "raw-eio":
                 raise cause
-            raise SpectrumError(path, "could not read the file") from cause
+            raise SpectrumError(path, "I/O error while reading") from cause
         return real_read(path)
 
     monkeypatch.setattr(pipeline, "read_apstar", read)
-    with pytest.raises(OSError) as info:
+    expected = MemoryError if kind == "wrapped-memory" else OSError
+    with pytest.raises(expected) as info:
         process_batch([_req(real[BULGE]), _req(flaky)], predictor)
-    assert info.value.errno == errno.EIO
     assert not isinstance(info.value, SpectrumError)
+    assert flaky in str(info.value)  # says which file
+    if expected is OSError:
+        assert info.value.errno == errno.EIO
 
 
 def test_as_row_is_plain_python(real: dict[str, str], predictor: Predictor) -> None:

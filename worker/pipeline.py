@@ -148,9 +148,15 @@ def _read(path: str) -> Spectrum | SpectrumError:
         return read_apstar(path)
     except SpectrumError as exc:
         cause = _transient_cause(exc)
-        if cause is not None:
-            raise cause from exc
-        return exc
+        if cause is None:
+            return exc
+        # A fresh exception of the same kind (OSError(errno, ...) picks the same subclass, e.g.
+        # TimeoutError), chained to the SpectrumError: re-raising the cause itself "from exc"
+        # would make a cycle in the exception chain.
+        if isinstance(cause, MemoryError):
+            raise MemoryError(str(exc)) from exc
+        assert isinstance(cause, OSError)
+        raise OSError(cause.errno, f"{cause.strerror or cause} ({exc.reason})", exc.path) from exc
 
 
 def _read_all(paths: Sequence[str], threads: int) -> list[Spectrum | SpectrumError]:
