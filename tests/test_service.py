@@ -235,7 +235,6 @@ def test_a_failure_that_persists_ends_in_no_result_rows_after_bounded_retries(
     import sqlalchemy as sa
 
     from worker.results import make_engine, migrate
-    from worker.tasks import DEFAULT_MAX_RETRIES
 
     # The database refuses one spectrum's result (not a connection problem: an error that no
     # retry cures), but accepts rows that record a failure.
@@ -250,8 +249,10 @@ def test_a_failure_that_persists_ends_in_no_result_rows_after_bounded_retries(
     entries = spectra_farm(apstar_files, tmp_path / "spectra", 3)
     ids = [e["spectrum_id"] for e in entries]
     # A visibility timeout of 4 s caps the backoff at 2 s, so the retries take seconds.
+    max_retries = 3
     w = Worker(worker_env(redis_url=redis_url, database_url=sqlite_url, model=checkpoint,
-                          ASTRONN_DIST_VISIBILITY_TIMEOUT=4), tmp_path / "w.log", name="persist")
+                          ASTRONN_DIST_VISIBILITY_TIMEOUT=4, ASTRONN_DIST_MAX_RETRIES=max_retries),
+               tmp_path / "w.log", name="persist")
     workers.append(w)
     # Warm first: a chunk that waits longer than the visibility timeout for its process to load
     # the model would (rightly) be delivered a second time.
@@ -260,12 +261,12 @@ def test_a_failure_that_persists_ends_in_no_result_rows_after_bounded_retries(
     task_id = publish(redis_url, {"spectra": entries})
     wait_for(_all_written(sqlite_url, ids), 120, "the failed chunk's rows", w)
     found = _one_row_each(sqlite_url, ids)
-    attempts = DEFAULT_MAX_RETRIES + 1
+    attempts = max_retries + 1
     for r in found:  # the whole chunk shares the fate of its transaction
         assert r["result_flags"] & FLAG_NO_RESULT and r["attempts"] == attempts
         assert r["error"].startswith(f"gave up after {attempts} attempts: IntegrityError")
         assert "refused by the test database" in r["error"]
-    assert w.log().count(f"chunk {task_id} (3 spectra), attempt") == DEFAULT_MAX_RETRIES
+    assert w.log().count(f"chunk {task_id} (3 spectra), attempt") == max_retries
     print(f"\npersistent failure: {len(found)} no-result rows after {attempts} attempts in "
           f"{time.monotonic() - t0:.1f} s")
 

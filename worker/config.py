@@ -46,7 +46,10 @@ class Settings:
     data_roots: tuple[Path, ...] = field(default_factory=tuple)
     mc_passes: int = DEFAULT_MC_PASSES
     seed: int = DEFAULT_SEED
+    # A chunk whose worker died this many times is parked as failed instead of looping forever.
     max_deliveries: int = 5
+    # Retries of a chunk after a transient failure before its spectra get no-result rows.
+    max_retries: int = 5
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -68,4 +71,5 @@ class Settings:
             mc_passes=int(_env("ASTRONN_DIST_MC_PASSES", str(DEFAULT_MC_PASSES))),
             seed=int(_env("ASTRONN_DIST_SEED", str(DEFAULT_SEED))),
             max_deliveries=int(_env("ASTRONN_DIST_MAX_DELIVERIES", "5")),
+            max_retries=int(_env("ASTRONN_DIST_MAX_RETRIES", "5")),
         )

@@ -68,10 +68,6 @@ if TYPE_CHECKING:  # the parent process never imports torch: it forks the pool
 
 log = get_task_logger(__name__)
 
-DEFAULT_MAX_RETRIES = 5
-"""Retries of a chunk after a transient failure, before its spectra get no-result rows
-(``Settings.max_retries`` when the settings have it)."""
-
 RETRY_BACKOFF_BASE_S = 2.0
 RETRY_BACKOFF_MAX_S = 300.0
 """Backoff of retry n: ``min(cap, base * 2**n)``, jittered to between half and all of it (so
@@ -449,10 +445,6 @@ def _on_process_init(**_: Any) -> None:
 # The Celery task.
 
 
-def max_retries(settings: Settings) -> int:
-    return int(getattr(settings, "max_retries", DEFAULT_MAX_RETRIES))
-
-
 def retry_countdown(retries: int, visibility_timeout_s: float) -> float:
     """Seconds before retry number ``retries + 1``: exponential, capped, jittered."""
     cap = min(RETRY_BACKOFF_MAX_S, visibility_timeout_s / 2)
@@ -569,7 +561,7 @@ def process(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             attempts=attempts, host=host, invalid=parsed.invalid,
         )
     except Exception as exc:  # noqa: BLE001 - every failure is retried or recorded
-        if database_unavailable(exc) or retries < max_retries(settings):
+        if database_unavailable(exc) or retries < settings.max_retries:
             retry(exc, "database unavailable" if database_unavailable(exc) else "transient failure")
         reason = f"gave up after {attempts} attempts: {_describe(exc)}"
         log.error(
