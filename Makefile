@@ -1,7 +1,8 @@
 # One command each (see README.md):
 #   make demo   set up and run the main job on embedded defaults (no server: SQLite, in-process)
 #   make test   set up and run the whole test suite against real Redis and PostgreSQL
-SHARED ?= ../shared/data/apstar
+# The two real DR17 apStar files shipped in samples/ (see samples/README.md).
+SPECTRA ?= samples/apstar
 PYTEST_ARGS ?=
 
 .PHONY: demo test setup setup-test bench
@@ -13,7 +14,7 @@ setup-test:
 	bash scripts/bootstrap.sh test
 
 demo: setup
-	.venv/bin/astronn-dist run $(SHARED)
+	.venv/bin/astronn-dist run $(SPECTRA)
 
 test: setup-test
 	bash scripts/services.sh
