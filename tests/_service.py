@@ -13,6 +13,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from astropy.io import fits
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -51,6 +54,45 @@ def spectra_farm(apstar_files: list[Path], folder: Path, n: int, *, broken: int 
         bad.write_bytes(b"this is not a FITS file\n" * 10)
         entries.append({"spectrum_id": f"broken-{j}", "path": str(bad), "k_mag": 10.0, "ebv": 0.1})
     return entries
+
+
+def bad_spectrum_files(tmp: Path, real_file: str) -> dict[str, str]:
+    """name -> path of a file that must give a no-result record: zero-byte, text named .fits,
+    truncated, primary-only, 8000-pixel, all-NaN flux, missing error HDU, missing file."""
+    files: dict[str, Path] = {}
+    files["zero-byte"] = tmp / "apStar-zero.fits"
+    files["zero-byte"].write_bytes(b"")
+    files["text"] = tmp / "apStar-text.fits"
+    files["text"].write_text("SIMPLE  = this is not a FITS file, only text named .fits\n" * 40)
+    raw = Path(real_file).read_bytes()
+    files["truncated"] = tmp / "apStar-truncated.fits"
+    files["truncated"].write_bytes(raw[: len(raw) // 3])
+
+    header = fits.getheader(real_file, 0)
+    files["primary-only"] = tmp / "apStar-primary-only.fits"
+    fits.PrimaryHDU(header=header).writeto(files["primary-only"])
+
+    n = 8000
+    files["8000-pixel"] = tmp / "apStar-8000.fits"
+    fits.HDUList([
+        fits.PrimaryHDU(header=header),
+        fits.ImageHDU(np.ones((1, n), np.float32)),
+        fits.ImageHDU(np.full((1, n), 0.01, np.float32)),
+        fits.ImageHDU(np.zeros((1, n), np.int32)),
+    ]).writeto(files["8000-pixel"])
+
+    with fits.open(real_file) as hdul:
+        all_nan = fits.HDUList([h.copy() for h in hdul])
+        all_nan[1].data = np.full_like(hdul[1].data, np.nan)
+        files["all-nan"] = tmp / "apStar-all-nan.fits"
+        all_nan.writeto(files["all-nan"])
+        no_err = fits.HDUList([hdul[0].copy(), hdul[1].copy()])
+        files["missing-error-hdu"] = tmp / "apStar-no-err.fits"
+        no_err.writeto(files["missing-error-hdu"])
+
+    out = {name: str(path) for name, path in files.items()}
+    out["missing-file"] = str(tmp / "apStar-does-not-exist.fits")
+    return out
 
 
 def worker_env(

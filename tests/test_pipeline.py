@@ -17,6 +17,7 @@ from astropy.io import fits
 torch = pytest.importorskip("torch")
 
 import worker.pipeline as pipeline  # noqa: E402
+from _service import bad_spectrum_files  # noqa: E402 (tests/ is on sys.path)
 from worker import PIPELINE_VERSION  # noqa: E402
 from worker.distance import (  # noqa: E402
     FLAG_MISSING_EXTINCTION,
@@ -73,49 +74,11 @@ def _numbers(r: ResultRecord) -> tuple:
 # Bad inputs, each built from scratch or from a real file.
 
 
-def _bad_files(tmp: Path, real_file: str) -> dict[str, str]:
-    """name -> path of a file that must give a no-result record."""
-    files: dict[str, Path] = {}
-    files["zero-byte"] = tmp / "apStar-zero.fits"
-    files["zero-byte"].write_bytes(b"")
-    files["text"] = tmp / "apStar-text.fits"
-    files["text"].write_text("SIMPLE  = this is not a FITS file, only text named .fits\n" * 40)
-    raw = Path(real_file).read_bytes()
-    files["truncated"] = tmp / "apStar-truncated.fits"
-    files["truncated"].write_bytes(raw[: len(raw) // 3])
-
-    header = fits.getheader(real_file, 0)
-    files["primary-only"] = tmp / "apStar-primary-only.fits"
-    fits.PrimaryHDU(header=header).writeto(files["primary-only"])
-
-    n = 8000
-    files["8000-pixel"] = tmp / "apStar-8000.fits"
-    fits.HDUList([
-        fits.PrimaryHDU(header=header),
-        fits.ImageHDU(np.ones((1, n), np.float32)),
-        fits.ImageHDU(np.full((1, n), 0.01, np.float32)),
-        fits.ImageHDU(np.zeros((1, n), np.int32)),
-    ]).writeto(files["8000-pixel"])
-
-    with fits.open(real_file) as hdul:
-        all_nan = fits.HDUList([h.copy() for h in hdul])
-        all_nan[1].data = np.full_like(hdul[1].data, np.nan)
-        files["all-nan"] = tmp / "apStar-all-nan.fits"
-        all_nan.writeto(files["all-nan"])
-        no_err = fits.HDUList([hdul[0].copy(), hdul[1].copy()])
-        files["missing-error-hdu"] = tmp / "apStar-no-err.fits"
-        no_err.writeto(files["missing-error-hdu"])
-
-    out = {name: str(path) for name, path in files.items()}
-    out["missing-file"] = str(tmp / "apStar-does-not-exist.fits")
-    return out
-
-
 @pytest.mark.filterwarnings("ignore:File may have been truncated")
 def test_bad_inputs_give_no_result_records_and_the_batch_goes_on(
     tmp_path: Path, real: dict[str, str], predictor: Predictor
 ) -> None:
-    bad = _bad_files(tmp_path, real[KEPLER])
+    bad = bad_spectrum_files(tmp_path, real[KEPLER])
     for name, path in bad.items():  # the reader itself refuses every one of them
         with pytest.raises(SpectrumError):
             read_apstar(path)
