@@ -366,12 +366,15 @@ def worker(
     seed: Annotated[Optional[int], typer.Option(min=0, help="Global dropout seed [ASTRONN_DIST_SEED].")] = None,
     broker: BrokerOpt = None,
     db: DbOpt = None,
+    metrics_port: Annotated[
+        Optional[int], typer.Option(min=0, help="Prometheus /metrics port, 0 = off [ASTRONN_DIST_METRICS_PORT].")
+    ] = None,
 ) -> None:
     """Serve the queue: load the model once per process and write results to the database.
     SIGTERM: finish the running chunks, then stop."""
     settings = _settings(
         broker_url=broker, database_url=db, model_path=model, device=device,
-        mc_passes=mc_passes, seed=seed,
+        mc_passes=mc_passes, seed=seed, metrics_port=metrics_port,
     )
     _model_id(settings)  # fail early, before any process starts
     from worker.serve import run_worker

@@ -106,6 +106,7 @@ def worker_env(
         ASTRONN_DIST_MODEL=str(model),
         ASTRONN_DIST_DEVICE="cpu",
         ASTRONN_DIST_MC_PASSES="10",
+        ASTRONN_DIST_METRICS_PORT="0",  # several test workers share the host
         OMP_NUM_THREADS="1",
         MKL_NUM_THREADS="1",
         PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),

@@ -19,6 +19,8 @@ DEFAULT_DATABASE_URL = "sqlite:///astronn-dist.sqlite"
 DEFAULT_VISIBILITY_TIMEOUT_S = 1800
 DEFAULT_MC_PASSES = 100
 DEFAULT_SEED = 0
+# Prometheus metrics of a worker (0: off). 9808 is free in Prometheus's port allocations list.
+DEFAULT_METRICS_PORT = 9808
 
 BUNDLED_MODEL = Path(__file__).parent / "models" / "astronn-dist-demo.pt"
 
@@ -50,6 +52,7 @@ class Settings:
     max_deliveries: int = 5
     # Retries of a chunk after a transient failure before its spectra get no-result rows.
     max_retries: int = 5
+    metrics_port: int = DEFAULT_METRICS_PORT
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -72,4 +75,5 @@ class Settings:
             seed=int(_env("ASTRONN_DIST_SEED", str(DEFAULT_SEED))),
             max_deliveries=int(_env("ASTRONN_DIST_MAX_DELIVERIES", "5")),
             max_retries=int(_env("ASTRONN_DIST_MAX_RETRIES", "5")),
+            metrics_port=int(_env("ASTRONN_DIST_METRICS_PORT", str(DEFAULT_METRICS_PORT))),
         )

@@ -172,7 +172,9 @@ def run_worker(
         "starting worker: %d process(es), device %s, %d thread(s) per process",
         plan.concurrency, plan.device, plan.threads_per_process,
     )
+    from worker import metrics
     from worker.app import make_app
 
+    metrics.serve(settings.metrics_port)  # before the pool forks (see worker.metrics)
     app = make_app(settings)
     app.worker_main(worker_argv(plan, loglevel=loglevel, hostname=hostname))

@@ -52,10 +52,10 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Task, shared_task
 from celery.exceptions import Reject
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 from celery.utils.log import get_task_logger
 
-from worker import PIPELINE_VERSION
+from worker import PIPELINE_VERSION, metrics
 from worker.config import TASK_NAME, Settings
 from worker.distance import FLAG_NO_RESULT, flags_summary
 from worker.messages import InvalidSpectrum, MessageError, split_message
@@ -215,6 +215,7 @@ def _write(
     from worker.results import upsert_results
 
     upsert_results(engine, records, task_id=task_id, attempts=attempts, host=host)
+    metrics.observe_rows(records)
 
 
 def process_chunk(
@@ -251,6 +252,8 @@ def process_chunk(
     records = records + _invalid_records(invalid, predictor)
     _write(engine, records, task_id=task_id, attempts=attempts, host=host)
     no_result = sum(1 for r in records if r.result_flags & FLAG_NO_RESULT)
+    elapsed_s = time.perf_counter() - t0
+    metrics.observe_chunk(len(records), elapsed_s)
     return ChunkOutcome(
         task_id=task_id,
         model_id=predictor.model_id,
@@ -259,7 +262,7 @@ def process_chunk(
         no_result=no_result,
         batches=batches,
         attempts=attempts,
-        elapsed_s=time.perf_counter() - t0,
+        elapsed_s=elapsed_s,
     )
 
 
@@ -344,6 +347,7 @@ class WorkerState:
                 self._predictor = Predictor(
                     loaded, mc_passes=self.settings.mc_passes, seed=self.settings.seed
                 )
+                metrics.observe_model_loaded(time.perf_counter() - t0, str(device), loaded.model_id)
                 log.info(
                     "process %d loaded model %s on %s in %.1f s (%d MC passes, seed %d)",
                     self.pid, loaded.model_id, device, time.perf_counter() - t0,
@@ -441,6 +445,11 @@ def _on_process_init(**_: Any) -> None:
     worker_state().warm_up()
 
 
+@worker_process_shutdown.connect
+def _on_process_shutdown(**_: Any) -> None:
+    metrics.process_exited(os.getpid())
+
+
 # ---------------------------------------------------------------------------------------------
 # The Celery task.
 
@@ -491,6 +500,7 @@ def process(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         parsed = split_message(kwargs, data_roots=settings.data_roots)
     except MessageError as exc:
         log.error("rejected message %s: %s", task_id, exc)
+        metrics.observe_rejected()
         raise Reject(f"invalid message: {exc}", requeue=False) from None
     for item in parsed.invalid:
         log.warning("message %s: %s", task_id, item.reason)
@@ -514,6 +524,7 @@ def process(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             "chunk %s (%d spectra), attempt %d: %s (%s); retrying in %.1f s",
             task_id, len(spectra), attempts, why, _describe(exc), countdown,
         )
+        metrics.observe_retry(why)
         raise self.retry(exc=exc, countdown=countdown)
 
     # Infrastructure first: without a model or a database nothing can be recorded, so the
@@ -553,6 +564,7 @@ def process(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001
             retry(exc, "cannot write the parked chunk's rows")
             raise
+        metrics.observe_parked()
         return {"task_id": task_id, "parked": n, "deliveries": deliveries}
 
     try:

@@ -1,0 +1,60 @@
+"""Prometheus metrics of a real worker: served by the parent, summed over its pool processes."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from _servers import free_port  # tests/ is on sys.path
+from _service import Worker, build_checkpoint, publish, rows, spectra_farm, wait_for, worker_env
+
+pytestmark = [pytest.mark.service, pytest.mark.timeout(300)]
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text) for s in family.samples
+    }
+
+
+def test_worker_serves_counts_by_outcome_and_flag_latency_and_device(
+    redis_url: str, sqlite_url: str, shared_data: Path, apstar_files: list[Path], tmp_path: Path
+) -> None:
+    checkpoint = build_checkpoint(shared_data, tmp_path / "random-dr17.pt")
+    port = free_port()
+    env = worker_env(redis_url=redis_url, database_url=sqlite_url, model=checkpoint,
+                     ASTRONN_DIST_METRICS_PORT=str(port),
+                     ASTRONN_DIST_BROKER_URL=redis_url)
+    worker = Worker(env, tmp_path / "worker.log", name="metrics", serve=True)
+    try:
+        worker.wait_ready()
+        entries = spectra_farm(apstar_files, tmp_path / "spectra", 6, broken=2)
+        publish(redis_url, {"spectra": entries[:4]})
+        publish(redis_url, {"spectra": entries[4:]})
+        publish(redis_url, {"spectra": "not a list"})  # rejected as a whole
+        ids = {e["spectrum_id"] for e in entries}
+        wait_for(lambda: {r["spectrum_id"] for r in rows(sqlite_url)} >= ids, 120, "rows", worker)
+        wait_for(lambda: "rejected message" in worker.log(), 30, "the rejection", worker)
+        m = wait_for(lambda: (s := _scrape(port)).get(("astronn_dist_chunk_spectra_count", ())) == 2
+                     and s, 30, "two chunks in the metrics", worker)
+    finally:
+        worker.stop()
+
+    assert m[("astronn_dist_spectra_total", (("outcome", "result"),))] == 6
+    assert m[("astronn_dist_spectra_total", (("outcome", "no_result"),))] == 2
+    assert m[("astronn_dist_flags_total", (("flag", "no_result"),))] == 2
+    assert m[("astronn_dist_flags_total", (("flag", "flag_bad"),))] >= 2
+    # The bulge star's header has no SFD_EBV: three of the six copies miss their extinction.
+    assert m[("astronn_dist_flags_total", (("flag", "missing_extinction"),))] == 3
+    assert m[("astronn_dist_chunk_spectra_sum", ())] == 8
+    assert m[("astronn_dist_chunk_seconds_count", ())] == 2
+    assert m[("astronn_dist_rejected_messages_total", ())] == 1
+    assert m[("astronn_dist_model_load_seconds", ())] > 0
+    info = [k for k in m if k[0] == "astronn_dist_worker_info"]
+    assert len(info) == 1 and ("device", "cpu") in info[0][1]
+    assert dict(info[0][1])["model_id"].startswith("random-dr17-")
