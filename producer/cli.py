@@ -394,11 +394,15 @@ def watch(
     min_age: Annotated[float, typer.Option(min=0.0, help="Seconds a file must be unchanged.")] = 2.0,
     flush_delay: Annotated[float, typer.Option(min=0.0, help="Longest wait of a partial chunk [s].")] = 2.0,
     force: Annotated[bool, typer.Option("--force", help="Ignore the results table.")] = False,
+    reconcile_interval: Annotated[
+        float, typer.Option(min=0.0, help="Seconds between checks for lost messages (0: never).")
+    ] = 600.0,
     broker: BrokerOpt = None,
     db: DbOpt = None,
     model: ModelOpt = None,
 ) -> None:
-    """Enqueue each new (or rewritten) apStar file once, as it appears; SIGTERM/Ctrl-C stop
+    """Enqueue each new (or rewritten) apStar file once, as it appears, and every
+    --reconcile-interval again what has neither a row nor a message; SIGTERM/Ctrl-C stop
     cleanly after sending what is pending."""
     from producer.enqueue import Publisher
     from producer.watch import Watcher, WatchOptions, WatchState
@@ -414,6 +418,7 @@ def watch(
         min_age=min_age,
         flush_delay=flush_delay,
         force=force,
+        reconcile_interval=reconcile_interval,
     )
     client = redis_client(settings)
     with Publisher(settings) as publisher:

@@ -28,6 +28,14 @@ are; it is read again when it changes (once it stays unchanged for ``min_age``),
 to it are picked up. Its files need not lie in the watched folders. A changed row of a file
 already enqueued is not sent again (the file did not change): ``produce --force`` for those.
 
+Reconcile (the database is the source of truth, Redis only the transport): every
+``reconcile_interval`` seconds the watcher looks for files it handled whose spectrum has no row
+for the model (or only one older than the file) and no message on the queue or in delivery; a
+message lost by the broker (a failover that drops acknowledged writes, a restarted Redis without
+persistence) leaves exactly that. It forgets those files (in memory and in the state), so the
+next polls send them again, as ``astronn-dist reconcile`` does for a catalog. The first check
+comes one interval after the start; before the results table exists nothing is reconciled.
+
 Cost: each poll lists the whole tree (one stat per file): about a second per million files on a
 local disk, more on a network file system; choose ``poll_interval`` accordingly.
 """
@@ -44,7 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from producer.catalog import CatalogError, read_catalog, scan_spectra
-from producer.enqueue import DEFAULT_CHUNK_SIZE, Publisher, provenance
+from producer.enqueue import DEFAULT_CHUNK_SIZE, Publisher, provenance, queued_spectrum_ids
 from worker.pipeline import SpectrumRequest
 
 if TYPE_CHECKING:
@@ -66,6 +74,7 @@ class WatchOptions:
     flush_delay: float = 2.0
     incomplete_age: float = 300.0
     force: bool = False
+    reconcile_interval: float = 600.0  # 0: never
 
 
 @dataclass
@@ -78,6 +87,7 @@ class PollReport:
     enqueued: int = 0
     messages: int = 0
     pending: int = 0
+    reconciled: int = 0  # handled files found lost (no row, no message) and to be sent again
 
 
 def version_of(size: int, mtime_ns: int) -> str:
@@ -101,6 +111,10 @@ class WatchState:
     def set_many(self, versions: dict[str, str]) -> None:
         if versions:
             self.client.hset(self.key, mapping=versions)
+
+    def forget(self, paths: Sequence[str]) -> None:
+        if paths:
+            self.client.hdel(self.key, *paths)
 
     def __len__(self) -> int:
         return int(self.client.hlen(self.key))
@@ -204,6 +218,7 @@ class Watcher:
         self._stop = threading.Event()
         self._table_seen = False
         self._extra = provenance("watch " + " ".join(self.dirs), model_id)
+        self._last_reconcile = clock()
         if self.catalog is not None:
             self._load_catalog(self._stat_catalog())
 
@@ -313,6 +328,30 @@ class Watcher:
             self._table_seen = sa.inspect(self.engine).has_table("astro_nn_dist")
         return self._table_seen
 
+    def _reconcile(self, candidates: dict[str, _Candidate], now: float) -> int:
+        """Forget handled files with neither a row nor a message (see the module doc); their
+        next polls send them again. Returns how many."""
+        interval = self.options.reconcile_interval
+        if interval <= 0 or now - self._last_reconcile < interval or not self._table_exists():
+            return 0
+        self._last_reconcile = now
+        handled = [c for path, c in candidates.items() if self._handled.get(path) == c.version]
+        created = rows_created(self.engine, self.model_id, [c.request.spectrum_id for c in handled])
+        lost = [
+            c for c in handled
+            if created.get(c.request.spectrum_id, -1.0) < c.mtime_ns / 1e9
+        ]  # fmt: skip
+        if lost:  # read the queue only when the table says something is missing
+            queued = queued_spectrum_ids(self.state.client)
+            lost = [c for c in lost if c.request.spectrum_id not in queued]
+        paths = [c.request.path for c in lost]
+        for path in paths:
+            del self._handled[path]
+        self.state.forget(paths)
+        if paths:
+            self.log(f"reconcile: {len(paths)} spectra have no row and no message; sending again")
+        return len(paths)
+
     def poll_once(self) -> PollReport:
         """List the folders once, queue up the ready files, send full (or overdue) chunks."""
         report = PollReport()
@@ -333,6 +372,7 @@ class Watcher:
             for path in [p for p in self._observed if p not in candidates]:
                 del self._observed[path]
         report.ready = len(ready)
+        report.reconciled = self._reconcile(candidates, now)
         fresh = self._not_done(ready, report)
         for c in fresh:
             if not self._pending.items:
@@ -374,7 +414,7 @@ class Watcher:
             self.log(f"enqueued {report.enqueued} spectra in {report.messages} messages")
 
     def _add_to_totals(self, report: PollReport) -> None:
-        for name in ("ready", "skipped_done", "enqueued", "messages"):
+        for name in ("ready", "skipped_done", "enqueued", "messages", "reconciled"):
             setattr(self.totals, name, getattr(self.totals, name) + getattr(report, name))
         self.totals.files = report.files or self.totals.files
         self.totals.pending = len(self._pending.items)

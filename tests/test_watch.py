@@ -298,3 +298,33 @@ def test_table_created_after_the_watcher_started(
     assert sum(r.enqueued for r in reports) == 0 and sum(r.skipped_done for r in reports) == 1
     h.close()
     engine.dispose()
+
+
+def test_reconcile_sends_again_what_the_broker_lost(
+    settings: Settings, watch_dir: Path, apstar_files: list[Path], redis_url: str
+):
+    """Two files sent; one gets its row, then Redis loses the queue: the next reconcile
+    resends only the one with neither a row nor a message, and a message still waiting
+    keeps its file from being sent twice."""
+    from test_producer import _write_rows
+    from worker import results
+
+    a, b = apstar_files
+    _copy(a, watch_dir / a.name, age=60)
+    _copy(b, watch_dir / b.name, age=60)
+    results.migrate(settings.database_url)
+    engine = results.make_engine(settings.database_url)
+    options = WatchOptions(min_age=1.0, flush_delay=0.0, reconcile_interval=30.0)
+    h = Harness(settings, [watch_dir], engine=engine, options=options)
+    assert sum(r.enqueued for r in h.polls(3)) == 2
+    assert sum(r.reconciled for r in h.polls(40)) == 0  # both still on the queue
+
+    _write_rows(settings.database_url, h.model_id, [a.name])  # a is done ...
+    h.client.delete(QUEUE)  # ... and the broker lost b's message
+    reports = h.polls(40)
+    assert sum(r.reconciled for r in reports) == 1 and sum(r.enqueued for r in reports) == 1
+    assert [s["spectrum_id"] for s in _spectra_sent(redis_url)] == [b.name]
+    assert any("reconcile: 1 spectra" in line for line in h.lines)
+    assert sum(r.reconciled for r in h.polls(40)) == 0  # b is queued again: nothing more
+    h.close()
+    engine.dispose()
