@@ -15,7 +15,7 @@ from worker.continuum import normalize  # noqa: E402
 from worker.model import load_model  # noqa: E402
 from worker.spectra import read_apstar  # noqa: E402
 from worker.synth import write_survey  # noqa: E402
-from worker.training import robust_mse, train  # noqa: E402
+from worker.training import calibrate_variance_head, robust_mse, train  # noqa: E402
 
 N_STARS = 200
 
@@ -154,3 +154,32 @@ def test_robust_mse_is_astronn_formula():
     assert got.item() == pytest.approx(want, rel=1e-12)
     got.backward()
     assert all(torch.isfinite(t.grad).all() for t in tensors)  # e = 0 must not poison gradients
+
+
+def test_calibrating_the_variance_head_makes_the_total_uncertainty_fit_the_errors():
+    """Labels = the network's own MC mean + Gaussian noise of a known, star-dependent sigma:
+    after calibration the pulls have standard deviation ~1 and ~68 % lie within 1 sigma, and
+    nothing but dense_var has changed."""
+    from worker.model import ApogeeDistBCNN
+
+    torch.manual_seed(3)
+    net = ApogeeDistBCNN()
+    with torch.no_grad():
+        net.dense_var.bias.fill_(3.0)  # exp(3) ~ 20: wildly too large a variance
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy((1.0 + 0.05 * rng.standard_normal((300, 7514))).astype(np.float32))
+    net.train()
+    with torch.no_grad():
+        mean = torch.stack([net(x)[0] for _ in range(16)]).mean(0)
+    sigma = 0.05 + 0.2 * mean.abs()  # the residual scale the head must learn
+    y = mean + sigma * torch.from_numpy(rng.standard_normal(300).astype(np.float32))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+
+    result = calibrate_variance_head(net, x, y, torch.zeros_like(y), passes=16)
+
+    assert result["pull_std_before"] < 0.2
+    assert 0.8 < result["pull_std_after"] < 1.2
+    assert 0.58 < result["within_1_sigma_after"] < 0.78
+    after = net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"dense_var.weight", "dense_var.bias"}

@@ -112,6 +112,13 @@ class ApogeeDistBCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: normalized flux (B, 7514), any float dtype -> (out (B,), log_var (B,)) float32."""
+        h = self.features(x)  # (B, 64)
+        out = F.softplus(self.dense_output(h)).squeeze(-1)  # (B,)
+        log_var = self.dense_var(h).squeeze(-1)  # (B,)
+        return out, log_var
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """What both heads read: dense_2's activations (B, 64), after every dropout."""
         dtype = self.conv1.weight.dtype
         # The mean is subtracted in float64 (it is stored so), as SDSS-V subtracts it in numpy.
         h = (x.to(torch.float64) - self.input_mean).to(dtype).unsqueeze(1)  # (B, 1, 7514)
@@ -121,10 +128,7 @@ class ApogeeDistBCNN(nn.Module):
         h = h.permute(0, 2, 1).flatten(1)  # (B, 7512), Keras channel-last order: t * 4 + c
         h = self.dropout(h)
         h = self.dropout(F.relu(self.dense_1(h)))  # (B, 192)
-        h = F.relu(self.dense_2(h))  # (B, 64)
-        out = F.softplus(self.dense_output(h)).squeeze(-1)  # (B,)
-        log_var = self.dense_var(h).squeeze(-1)  # (B,)
-        return out, log_var
+        return F.relu(self.dense_2(h))  # (B, 64)
 
 
 class CheckpointError(Exception):
