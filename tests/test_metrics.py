@@ -58,3 +58,32 @@ def test_worker_serves_counts_by_outcome_and_flag_latency_and_device(
     info = [k for k in m if k[0] == "astronn_dist_worker_info"]
     assert len(info) == 1 and ("device", "cpu") in info[0][1]
     assert dict(info[0][1])["model_id"].startswith("random-dr17-")
+
+
+def test_json_logs_have_one_line_per_chunk_with_counts_and_timings(
+    redis_url: str, sqlite_url: str, shared_data: Path, apstar_files: list[Path], tmp_path: Path
+) -> None:
+    import json
+
+    checkpoint = build_checkpoint(shared_data, tmp_path / "random-dr17.pt")
+    env = worker_env(redis_url=redis_url, database_url=sqlite_url, model=checkpoint,
+                     ASTRONN_DIST_LOG_FORMAT="json")
+    worker = Worker(env, tmp_path / "worker.log", name="json-logs")
+    try:
+        worker.wait_ready()
+        entries = spectra_farm(apstar_files, tmp_path / "spectra", 5, broken=1)
+        task_id = publish(redis_url, {"spectra": entries})
+        wait_for(lambda: '"event": "chunk"' in worker.log(), 120, "the chunk's line", worker)
+    finally:
+        worker.stop()
+    lines = [json.loads(line) for line in worker.log().splitlines() if line.startswith("{")]
+    assert lines, worker.log()[-2000:]
+    assert all({"time", "level", "logger", "process", "message"} <= set(x) for x in lines)
+    (chunk,) = [x for x in lines if x.get("event") == "chunk"]
+    assert chunk["task_id"] == task_id and chunk["level"] == "INFO"
+    assert (chunk["spectra"], chunk["results"], chunk["no_result"]) == (6, 5, 1)
+    assert chunk["seconds"] > 0 and chunk["attempt"] == 1
+    assert chunk["model_id"].startswith("random-dr17-")
+    loaded = [x for x in lines if x.get("event") == "model_loaded"]
+    assert len(loaded) == 1 and loaded[0]["device"] == "cpu" and loaded[0]["seconds"] > 0
+    assert str(sqlite_url) not in worker.log()  # no URL in any line

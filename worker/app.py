@@ -40,6 +40,7 @@ from urllib.parse import parse_qs, urlsplit
 from celery import Celery
 from kombu import Exchange, Queue
 
+from worker import logs
 from worker.config import QUEUE, TASK_NAME, Settings
 
 RESTORE_INTERVAL_MAX_S = 10
@@ -179,6 +180,7 @@ def make_app(settings: Settings | None = None) -> Celery:
     if ssl_options is not None:
         app.conf.broker_use_ssl = ssl_options
     app.astronn_settings = settings  # type: ignore[attr-defined]
+    logs.configure(settings.log_format)  # takes effect when a worker sets up its loggers
     return app
 
 

@@ -53,6 +53,7 @@ class Settings:
     # Retries of a chunk after a transient failure before its spectra get no-result rows.
     max_retries: int = 5
     metrics_port: int = DEFAULT_METRICS_PORT
+    log_format: str = "text"  # or "json": one object per line (worker.logs)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -76,4 +77,5 @@ class Settings:
             max_deliveries=int(_env("ASTRONN_DIST_MAX_DELIVERIES", "5")),
             max_retries=int(_env("ASTRONN_DIST_MAX_RETRIES", "5")),
             metrics_port=int(_env("ASTRONN_DIST_METRICS_PORT", str(DEFAULT_METRICS_PORT))),
+            log_format=_env("ASTRONN_DIST_LOG_FORMAT", "text").strip().lower(),
         )

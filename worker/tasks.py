@@ -347,11 +347,14 @@ class WorkerState:
                 self._predictor = Predictor(
                     loaded, mc_passes=self.settings.mc_passes, seed=self.settings.seed
                 )
-                metrics.observe_model_loaded(time.perf_counter() - t0, str(device), loaded.model_id)
+                seconds = time.perf_counter() - t0
+                metrics.observe_model_loaded(seconds, str(device), loaded.model_id)
                 log.info(
                     "process %d loaded model %s on %s in %.1f s (%d MC passes, seed %d)",
-                    self.pid, loaded.model_id, device, time.perf_counter() - t0,
+                    self.pid, loaded.model_id, device, seconds,
                     self.settings.mc_passes, self.settings.seed,
+                    extra={"event": "model_loaded", "model_id": loaded.model_id,
+                           "device": str(device), "seconds": round(seconds, 3)},
                 )
             return self._predictor
 
@@ -499,7 +502,8 @@ def process(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             )
         parsed = split_message(kwargs, data_roots=settings.data_roots)
     except MessageError as exc:
-        log.error("rejected message %s: %s", task_id, exc)
+        log.error("rejected message %s: %s", task_id, exc,
+                  extra={"event": "rejected", "reason": str(exc)[:500]})
         metrics.observe_rejected()
         raise Reject(f"invalid message: {exc}", requeue=False) from None
     for item in parsed.invalid:
@@ -523,6 +527,8 @@ def process(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         log.warning(
             "chunk %s (%d spectra), attempt %d: %s (%s); retrying in %.1f s",
             task_id, len(spectra), attempts, why, _describe(exc), countdown,
+            extra={"event": "retry", "reason": why, "error": _describe(exc),
+                   "spectra": len(spectra), "attempt": attempts, "countdown": round(countdown, 1)},
         )
         metrics.observe_retry(why)
         raise self.retry(exc=exc, countdown=countdown)
@@ -555,6 +561,7 @@ def process(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         log.error(
             "chunk %s: %s; writing no-result rows for its %d spectra",
             task_id, reason, len(spectra),
+            extra={"event": "parked", "spectra": len(spectra), "attempt": attempts},
         )
         try:
             n = write_no_results(
@@ -579,6 +586,7 @@ def process(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         log.error(
             "chunk %s: %s; writing no-result rows for its %d spectra",
             task_id, reason, len(spectra),
+            extra={"event": "failed", "spectra": len(spectra), "attempt": attempts},
         )
         try:
             write_no_results(
@@ -601,6 +609,10 @@ def process(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     log.info(
         "chunk %s: %d spectra, %d results, %d without result, %.2f s, attempt %d",
         task_id, outcome.spectra, outcome.results, outcome.no_result, outcome.elapsed_s, attempts,
+        extra={"event": "chunk", "spectra": outcome.spectra, "results": outcome.results,
+               "no_result": outcome.no_result, "batches": outcome.batches,
+               "seconds": round(outcome.elapsed_s, 4), "attempt": attempts,
+               "model_id": outcome.model_id},
     )
     return outcome.as_dict()
 
