@@ -369,6 +369,9 @@ def worker(
     metrics_port: Annotated[
         Optional[int], typer.Option(min=0, help="Prometheus /metrics port, 0 = off [ASTRONN_DIST_METRICS_PORT].")
     ] = None,
+    hostname: Annotated[
+        Optional[str], typer.Option(help="Celery node name, e.g. astronn-dist@%h [astronn-dist-<pid>@%h].")
+    ] = None,
 ) -> None:
     """Serve the queue: load the model once per process and write results to the database.
     SIGTERM: finish the running chunks, then stop."""
@@ -380,7 +383,8 @@ def worker(
     from worker.serve import run_worker
 
     try:
-        run_worker(settings, device=settings.device, concurrency=concurrency, model=settings.model_path)
+        run_worker(settings, device=settings.device, concurrency=concurrency,
+                   model=settings.model_path, hostname=hostname)
     except ValueError as exc:  # the device/concurrency plan: e.g. --device cuda without a GPU
         raise UserError(str(exc)) from exc
 
