@@ -79,3 +79,13 @@ def postgres_url() -> str:
 @pytest.fixture()
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'results.sqlite'}"
+
+
+@pytest.fixture()
+def workers() -> list:
+    """Worker processes (tests/_service.Worker) a test starts; all stopped (killed if need be)
+    at its end."""
+    started: list = []
+    yield started
+    for w in started:
+        w.stop()

@@ -38,14 +38,6 @@ def redis_server(tmp_path: Path):
     server.close()
 
 
-@pytest.fixture()
-def workers():
-    started: list[Worker] = []
-    yield started
-    for w in started:
-        w.stop()
-
-
 def _requests(entries: list[dict]) -> list[SpectrumRequest]:
     return [SpectrumRequest(spectrum_id=e["spectrum_id"], path=e["path"]) for e in entries]
 
@@ -84,6 +76,13 @@ def _check_one_row_each(database_url: str, ids: list[str]) -> tuple[int, int]:
     no_result = [r for r in found if r["result_flags"] & FLAG_NO_RESULT]
     assert not no_result, f"{len(no_result)} rows without result, e.g. {no_result[0]['error']}"
     return lost, duplicated
+
+
+def _all_written(database_url: str, ids: list[str], t0: float, worker: Worker) -> tuple[int, int, float]:
+    """Wait for a row per spectrum; (lost, duplicated, seconds since t0), both checked zero."""
+    wait_for(lambda: _count_rows(database_url) >= len(ids), 900, f"{len(ids)} rows", worker)
+    elapsed = time.monotonic() - t0
+    return (*_check_one_row_each(database_url, ids), elapsed)
 
 
 def _env(redis_url: str, database_url: str, model: Path, **extra) -> dict[str, str]:
@@ -129,9 +128,7 @@ def test_workers_killed_again_and_again_lose_nothing(
     worker_kills += 1
     c = Worker(env, tmp_path / "c.log", name="c")
     workers.append(c)
-    wait_for(lambda: _count_rows(sqlite_url) >= n, 600, f"{n} rows", a)
-    elapsed = time.monotonic() - t0
-    lost, duplicated = _check_one_row_each(sqlite_url, ids)
+    lost, duplicated, elapsed = _all_written(sqlite_url, ids, t0, a)
     retried = sum(1 for r in rows(sqlite_url) if r["attempts"] > 1)
     print(f"\n[kill] {n} spectra in {messages} messages, 2 workers; {pool_kills} pool processes "
           f"and {worker_kills} worker SIGKILLed mid-chunk, 1 worker restarted: {lost} lost, "
@@ -177,9 +174,7 @@ def test_redis_restarted_mid_stream_loses_nothing(
     publisher.join(120)
     if errors:  # the producer may give up while Redis is away: then the operator reruns it
         messages += _enqueue(url, sqlite_url, checkpoint, requests[half:], chunk)
-    wait_for(lambda: _count_rows(sqlite_url) >= n, 600, f"{n} rows", workers[0])
-    elapsed = time.monotonic() - t0
-    lost, duplicated = _check_one_row_each(sqlite_url, ids)
+    lost, duplicated, elapsed = _all_written(sqlite_url, ids, t0, workers[0])
     assert all(w.proc.poll() is None for w in workers)
     print(f"\n[redis] {n} spectra in {messages} messages, 2 workers; Redis restarted twice "
           f"(down {down[0]:.1f} s graceful, {down[1]:.1f} s SIGKILL; producer "
@@ -213,9 +208,7 @@ def test_postgres_stopped_for_15_s_mid_stream_loses_nothing(
         time.sleep(15)
         pg.start()
         outage = time.monotonic() - t_down
-        wait_for(lambda: _count_rows(database_url) >= n, 600, f"{n} rows", workers[0])
-        elapsed = time.monotonic() - t0
-        lost, duplicated = _check_one_row_each(database_url, ids)
+        lost, duplicated, elapsed = _all_written(database_url, ids, t0, workers[0])
         logs = "".join(w.log() for w in workers)
         retries = logs.count("database unavailable")
         assert retries > 0, "the outage was not noticed: nothing was retried"
@@ -265,9 +258,7 @@ def test_flushed_redis_then_reconcile_gives_every_spectrum_its_row(
     assert code.value.code in (0, None)
     out = capsys.readouterr().out
     assert f"enqueued {n - written} in" in out, out
-    wait_for(lambda: _count_rows(sqlite_url) >= n, 600, f"{n} rows", w)
-    elapsed = time.monotonic() - t0
-    lost, duplicated = _check_one_row_each(sqlite_url, ids)
+    lost, duplicated, elapsed = _all_written(sqlite_url, ids, t0, w)
     print(f"\n[flush] {n} spectra in {messages} messages; Redis flushed with {n - written} "
           f"spectra not yet written; reconcile re-enqueued them: {lost} lost, {duplicated} "
           f"duplicated; {elapsed:.1f} s")

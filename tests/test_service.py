@@ -35,15 +35,6 @@ def checkpoint(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return build_checkpoint(shared_data, tmp_path_factory.mktemp("model") / "random-dr17.pt")
 
 
-@pytest.fixture()
-def workers():
-    """Workers started by a test; all stopped (killed if need be) at its end."""
-    started: list[Worker] = []
-    yield started
-    for w in started:
-        w.stop()
-
-
 def _one_row_each(database_url: str, ids: list[str]) -> list[dict]:
     found = rows(database_url)
     counts = Counter(r["spectrum_id"] for r in found)
