@@ -254,3 +254,19 @@ def test_run_refuses_bad_device_and_corrupt_checkpoint(capsys, shared_data: Path
     code, out, err = cli(capsys, "run", spectra, "--model", str(corrupt), "--db", sqlite_url)
     assert code == 2 and str(corrupt) in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_run_uses_the_bundled_model_on_the_shipped_samples_without_any_server(
+    capsys, monkeypatch, tmp_path: Path
+):
+    """The README's main job: `astronn-dist run samples/apstar` with nothing configured and no
+    broker reachable (the broker URL points at a closed port) writes astronn-dist.sqlite."""
+    from worker.config import BUNDLED_MODEL
+
+    monkeypatch.setenv("ASTRONN_DIST_BROKER_URL", "redis://127.0.0.1:9/0")  # nothing listens
+    code, out, err = cli(capsys, "run", str(REPO / "samples" / "apstar"), "--mc-passes", "20")
+    assert code == 0, out + err
+    rows = _rows(f"sqlite:///{tmp_path / 'astronn-dist.sqlite'}")
+    assert len(rows) == 2 and {r["model_id"] for r in rows} == {model_id_of(BUNDLED_MODEL)}
+    assert all(r["error"] is None and r["dist"] > 0 for r in rows)
+    assert "2 spectra processed" in out and "astronn-dist-demo-" in out
