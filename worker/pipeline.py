@@ -1,8 +1,10 @@
 """One batch of spectra -> one result record per spectrum: the function the task layer calls.
 
-    requests ──read_apstar (thread pool)──> good spectra ──normalize (once)──> (M, 7514)
-             │                                              ──predict (once)──> fakemag, err
+    requests ──read_apstar (thread pool)──> good spectra ──normalize──> (M, 7514)
+             │                                              ──predict──> fakemag, err
              └─ SpectrumError ─> no-result record           ──compute_distances──> records
+
+in parts of PART_SPECTRA: the next part is read and normalized while this one is predicted.
 
 Photometry: the request's value (from the catalog / message) first; where it is missing (None,
 non-finite, or outside the validity window of :mod:`worker.distance`, e.g. APOGEE's -9999.99),
@@ -71,6 +73,10 @@ TRANSIENT_ERRNOS = frozenset(
     if hasattr(errno, name)
 )
 """errno values meaning "the storage failed, try again later", not "this file is bad"."""
+
+PART_SPECTRA = {"cpu": 32, "cuda": 512}
+"""Spectra per part of a batch (read ahead while the previous part is predicted): on the CPU
+enough to give each predictor thread whole spectra, on a GPU enough to fill it."""
 
 NON_FINITE_PREDICTION = "the network returned a non-finite fakemag for this spectrum"
 
@@ -182,11 +188,16 @@ def process_batch(
 ) -> list[ResultRecord]:
     """Distances for a batch of spectra: one record per request, in request order.
 
+    The batch goes through in parts of :data:`PART_SPECTRA` (by device): while the predictor
+    works on one part, a thread reads and normalizes the next, so the cores (or the GPU) do
+    not wait for the files. Each spectrum's numbers do not depend on the parts (its masks are
+    its own; normalization is per spectrum).
+
     Args:
         requests: the spectra, each with its own identity, path and (optional) photometry.
         predictor: a loaded :class:`worker.inference.Predictor` (its model_id, mc_passes and
             seed go into every record).
-        read_threads: threads reading files (1 = read in this thread).
+        read_threads: threads reading files (1 = read in the preparing thread).
 
     Returns:
         ``len(requests)`` records; unreadable spectra get a no-result record with the reason.
@@ -196,9 +207,51 @@ def process_batch(
         the task layer retries the batch.
     """
     t0 = time.perf_counter()
+    size = PART_SPECTRA.get(predictor.device.type, PART_SPECTRA["cpu"])
+    parts = [requests[i : i + size] for i in range(0, len(requests), size)]
+    records: list[ResultRecord] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="astronn-read") as ahead:
+        future = ahead.submit(_prepare, parts[0], read_threads) if parts else None
+        for k, part in enumerate(parts):
+            prepared = future.result()  # re-raises a transient read error of this part
+            if k + 1 < len(parts):
+                future = ahead.submit(_prepare, parts[k + 1], read_threads)
+            records += _finish(part, prepared, predictor)
+    per_spectrum = (time.perf_counter() - t0) / max(len(requests), 1)
+    for record in records:
+        record.t_elapsed = per_spectrum
+    return records
+
+
+@dataclass
+class _Prepared:
+    """A part read and normalized: each request's Spectrum or SpectrumError, and the
+    normalized flux (M, 7514) of the M good ones."""
+
+    loaded: list[Spectrum | SpectrumError]
+    good: list[int]
+    norm_flux: np.ndarray | None
+
+
+def _prepare(requests: Sequence[SpectrumRequest], read_threads: int) -> _Prepared:
     loaded = _read_all([r.path for r in requests], read_threads)
     good = [i for i, item in enumerate(loaded) if isinstance(item, Spectrum)]
+    norm_flux = None
+    if good:
+        spectra: list[Spectrum] = [loaded[i] for i in good]  # type: ignore[misc]
+        norm_flux, _ = normalize(
+            np.stack([s.flux for s in spectra]),  # (M, 8575)
+            np.stack([s.err for s in spectra]),
+            np.stack([s.bitmask for s in spectra]),
+        )  # (M, 7514)
+    return _Prepared(loaded=loaded, good=good, norm_flux=norm_flux)
 
+
+def _finish(
+    requests: Sequence[SpectrumRequest], prepared: _Prepared, predictor: Predictor
+) -> list[ResultRecord]:
+    """Predict the good spectra of a prepared part; one record per request (t_elapsed NaN)."""
+    loaded, good = prepared.loaded, prepared.good
     common = {
         "model_id": predictor.model_id,
         "pipeline_version": PIPELINE_VERSION,
@@ -209,11 +262,7 @@ def process_batch(
 
     if good:
         spectra: list[Spectrum] = [loaded[i] for i in good]  # type: ignore[misc]
-        flux = np.stack([s.flux for s in spectra])  # (M, 8575)
-        err = np.stack([s.err for s in spectra])
-        bitmask = np.stack([s.bitmask for s in spectra])
-        norm_flux, _ = normalize(flux, err, bitmask)  # (M, 7514)
-        prediction = predictor.predict(norm_flux, [requests[i].spectrum_id for i in good])
+        prediction = predictor.predict(prepared.norm_flux, [requests[i].spectrum_id for i in good])
         k_mag = [_choose(requests[i].k_mag, s.k_mag, is_k=True) for i, s in zip(good, spectra)]
         ebv = [_choose(requests[i].ebv, s.ebv, is_k=False) for i, s in zip(good, spectra)]
         fakemag = np.asarray(prediction.fakemag, dtype=np.float64)
@@ -224,7 +273,7 @@ def process_batch(
             records[i] = ResultRecord(
                 spectrum_id=requests[i].spectrum_id,
                 path=requests[i].path,
-                t_elapsed=math.nan,  # filled in below, once the batch's time is known
+                t_elapsed=math.nan,  # process_batch fills it in, once the batch's time is known
                 k_mag=float(dist.k_mag[j]),
                 ebv=float(dist.ebv[j]),
                 a_k_mag=float(dist.a_k_mag[j]),
@@ -260,10 +309,5 @@ def process_batch(
                 **common,
             )
 
-    per_spectrum = (time.perf_counter() - t0) / max(len(requests), 1)
-    out: list[ResultRecord] = []
-    for record in records:
-        assert record is not None  # every request is either good or a SpectrumError
-        record.t_elapsed = per_spectrum
-        out.append(record)
-    return out
+    assert all(r is not None for r in records)  # every request is either good or a SpectrumError
+    return records  # type: ignore[return-value]
