@@ -5,9 +5,9 @@ passes of the network with dropout on (here :class:`worker.model.ApogeeDistBCNN`
 then the mean/variance. Both run in the same process, on the same spectra and weights, so the
 ratio is meaningful even on a busy machine (the absolute numbers are not).
 
-    python bench/bench_inference.py                 # batches 1, 32, 256; reference at 1 and 256
-    python bench/bench_inference.py --quick         # fewer spectra, a rough number in seconds
-    python bench/bench_inference.py --device cuda --batches 256 1024
+    python -m bench.bench_inference                 # batches 1, 32, 256; reference at 1, 32, 256
+    python -m bench.bench_inference --quick         # fewer spectra, a rough number in seconds
+    python -m bench.bench_inference --device cuda --batches 256 1024
 
 Weights are random (throughput does not depend on their values); the spectra are synthetic
 normalized fluxes around 1.
@@ -18,27 +18,14 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.table import Row, format_rows
 from worker.inference import Predictor, resolve_device
 from worker.model import ApogeeDistBCNN, LoadedModel
-
-
-@dataclass
-class Row:
-    method: str
-    batch: int
-    spectra: int
-    seconds: float
-
-    @property
-    def rate(self) -> float:
-        """Spectra per second."""
-        return self.spectra / self.seconds
 
 
 def _sync(device: torch.device) -> None:
@@ -63,8 +50,8 @@ def reference_rate(net: ApogeeDistBCNN, flux: np.ndarray, batch: int, passes: in
             n_done += len(x)
     _sync(device)
     net.eval()
-    return Row("reference (100 full passes)" if passes == 100 else f"reference ({passes} passes)",
-               batch, n_done, time.perf_counter() - t0)
+    return Row("inference", "reference: full forward passes", _conditions(device, batch, passes),
+               n_done, time.perf_counter() - t0)
 
 
 def predictor_rate(pred: Predictor, flux: np.ndarray, batch: int) -> Row:
@@ -74,10 +61,18 @@ def predictor_rate(pred: Predictor, flux: np.ndarray, batch: int) -> Row:
     for start in range(0, len(flux), batch):
         pred.predict(flux[start : start + batch], ids[start : start + batch])
     _sync(pred.device)
-    return Row("Predictor", batch, len(flux), time.perf_counter() - t0)
+    return Row("inference", "worker.inference.Predictor",
+               _conditions(pred.device, batch, pred.mc_passes, pred.threads),
+               len(flux), time.perf_counter() - t0)
 
 
-def run(batches: Sequence[int] = (1, 32, 256), reference_batches: Sequence[int] = (1, 256),
+def _conditions(device: torch.device, batch: int, passes: int, workers: int | None = None) -> str:
+    threads = f"{torch.get_num_threads()} torch threads" + (
+        f", {workers} CPU workers" if workers and device.type == "cpu" else "")
+    return f"{device}, batch {batch}, {passes} passes, {threads}"
+
+
+def run(batches: Sequence[int] = (1, 32, 256), reference_batches: Sequence[int] = (1, 32, 256),
         passes: int = 100, device: str = "auto", threads: int | None = None,
         min_spectra: int = 256, reference_spectra: int = 128, repeat: int = 2) -> list[Row]:
     """Measure; each figure is the best of ``repeat`` runs over at least ``min_spectra``."""
@@ -98,23 +93,21 @@ def run(batches: Sequence[int] = (1, 32, 256), reference_batches: Sequence[int] 
         m = max(b, min(reference_spectra, n))
         rows.append(min((reference_rate(net, flux[:m], b, passes, dev)
                          for _ in range(max(1, repeat - 1))), key=lambda r: r.seconds))
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev) / 2**20
+        for r in rows:
+            r.extra = f"peak GPU memory {peak:,.0f} MiB (whole run)"
     pred.close()
     return rows
 
 
-def table(rows: Sequence[Row], device: torch.device, threads: int, passes: int) -> str:
-    ref = max((r.rate for r in rows if r.method.startswith("reference")), default=float("nan"))
-    lines = [
-        f"MC-dropout inference, {passes} passes/spectrum, device {device}, "
-        f"torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
-        f"Predictor workers {threads}",
-        f"{'method':<30}{'batch':>7}{'spectra':>9}{'seconds':>10}{'spectra/s':>11}"
-        f"{'x best ref':>12}",
-    ]
+def with_speedup(rows: list[Row]) -> list[Row]:
+    """Note on each Predictor row its ratio to the best reference batch size."""
+    best = max((r.rate for r in rows if r.method.startswith("reference")), default=float("nan"))
     for r in rows:
-        lines.append(f"{r.method:<30}{r.batch:>7}{r.spectra:>9}{r.seconds:>10.2f}"
-                     f"{r.rate:>11.1f}{r.rate / ref:>12.1f}")
-    return "\n".join(lines)
+        if not r.method.startswith("reference"):
+            r.extra = "; ".join(filter(None, [f"{r.rate / best:.1f}x the best reference", r.extra]))
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -124,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="Predictor CPU workers (default: torch.get_num_threads())")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
-    parser.add_argument("--reference-batches", type=int, nargs="*", default=[1, 256])
+    parser.add_argument("--reference-batches", type=int, nargs="*", default=[1, 32, 256])
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="64 spectra, one run each")
     args = parser.parse_args(argv)
@@ -132,8 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = run(args.batches, args.reference_batches, args.passes, args.device, args.threads,
                min_spectra=n, reference_spectra=128 if not args.quick else 32,
                repeat=1 if args.quick else args.repeat)
-    threads = args.threads or torch.get_num_threads()
-    print(table(rows, resolve_device(args.device), threads, args.passes))
+    print(format_rows(with_speedup(rows)))
 
 
 if __name__ == "__main__":

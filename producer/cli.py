@@ -359,7 +359,7 @@ def reconcile(
 def worker(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N [ASTRONN_DIST_DEVICE].")] = None,
     concurrency: Annotated[
-        Optional[int], typer.Option(min=1, help="Pool processes [default: one per GPU, else 1].")
+        Optional[int], typer.Option(min=1, help="Pool processes [default: one per GPU, else one per core, at most 8].")
     ] = None,
     model: ModelOpt = None,
     mc_passes: Annotated[Optional[int], typer.Option(min=2, help="MC-dropout passes [ASTRONN_DIST_MC_PASSES].")] = None,

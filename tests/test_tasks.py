@@ -251,8 +251,11 @@ def test_device_for_process() -> None:
 def test_plan_worker() -> None:
     from worker.serve import plan_worker
 
-    cpu = plan_worker("auto", None, n_gpus=0, cores=16)
-    assert (cpu.device, cpu.concurrency, cpu.threads_per_process) == ("cpu", 1, 16)
+    cpu = plan_worker("auto", None, n_gpus=0, cores=16)  # a process per core, at most 8
+    assert (cpu.device, cpu.concurrency, cpu.threads_per_process) == ("cpu", 8, 2)
+    two = plan_worker("cpu", None, n_gpus=0, cores=2)
+    assert (two.concurrency, two.threads_per_process) == (2, 1)
+    assert plan_worker("cpu", None, n_gpus=0, cores=1).concurrency == 1
     assert plan_worker("cpu", 4, n_gpus=2, cores=16).threads_per_process == 4
     assert plan_worker("cpu", 32, n_gpus=0, cores=16).threads_per_process == 1
     gpus = plan_worker("auto", None, n_gpus=4, cores=16)

@@ -11,12 +11,14 @@ each process's memory, and a chunk that crashes its process takes nothing else d
   replacement process takes the index, hence the GPU, of the one it replaces). This parent never
   touches CUDA: a CUDA context does not survive fork, so the GPU count comes from a short-lived
   subprocess, and each pool process opens its own device when it loads the model.
-* On CPU: one process by default, with all cores as torch threads. Inference on a batch is a few
-  large convolutions and matrix products, which torch spreads over all cores well; N processes
-  would hold N models and N batches and, if each used all cores too, oversubscribe them. With
-  ``--concurrency N`` (e.g. where reading files, which is single-threaded, dominates) each process
-  gets ``cores // N`` threads (``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, read by torch at import in
-  the pool process), unless the environment already sets them.
+* On CPU: one process per core by default (at most :data:`MAX_CPU_PROCESSES`), each with
+  ``cores // N`` torch threads (``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, read by torch at import
+  in the pool process, unless the environment already sets them). Measured on 2 cores
+  (BENCHMARKS.md): one process with 2 threads reached 94-108 spectra/s end to end, two
+  single-threaded processes 147-151, because a process's Python work (reading FITS headers,
+  the task, the database) holds its GIL while its inference threads wait, whereas two
+  processes overlap one's reading with the other's inference. Each process holds its own model
+  and batch (about 0.4 GB resident on the CPU), hence the cap; ``--concurrency N`` sets N.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from worker.config import QUEUE, Settings
 log = logging.getLogger(__name__)
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+MAX_CPU_PROCESSES = 8  # default CPU pool size cap (each process holds a model: ~0.4 GB)
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ def plan_worker(device: str, concurrency: int | None, *, n_gpus: int, cores: int
             )
         n = concurrency or 1
         return WorkerPlan(spec, n, max(1, cores // n))
-    n = concurrency or 1
+    n = concurrency or max(1, min(cores, MAX_CPU_PROCESSES))
     return WorkerPlan(spec, n, max(1, cores // n))
 
 
