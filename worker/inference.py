@@ -48,6 +48,7 @@ the same spectrum gets other (equally valid) masks there.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import threading
 from collections.abc import Sequence
@@ -428,7 +429,7 @@ class Predictor:
         if device.type != "cpu":
             return torch.empty(shape, dtype=dtype, device=device)
         store = self._local.__dict__.setdefault("buffers", {})
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         buf = store.get(name)
         if buf is None or buf.numel() < size or buf.dtype != dtype:
             buf = store[name] = torch.empty(size, dtype=dtype)
