@@ -76,7 +76,7 @@ class RedisServer:
         port: TCP port on 127.0.0.1 (default: a free one; kept across restarts).
     """
 
-    def __init__(self, folder: Path, port: int | None = None) -> None:
+    def __init__(self, folder: Path, port: int | None = None, password: str | None = None) -> None:
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             raise FileNotFoundError("redis-server is not on PATH (apt-get install redis-server)")
@@ -85,9 +85,11 @@ class RedisServer:
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
+        self.password = password  # requirepass: every client must AUTH
 
     def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
 
     def start(self, timeout: float = 30.0) -> RedisServer:
         """Start the server and wait until it answers PING (and has loaded its data)."""
@@ -96,6 +98,7 @@ class RedisServer:
             "--dir", str(self.folder), "--appendonly", "yes", "--appendfsync", "always",
             "--save", "", "--protected-mode", "no", "--daemonize", "no",
             "--logfile", str(self.folder / "redis.log"),
+            *(["--requirepass", self.password] if self.password else []),
         ]
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
@@ -111,7 +114,8 @@ class RedisServer:
                 f"redis-server exited ({self.proc.returncode}): "
                 + (self.folder / "redis.log").read_text(errors="replace")[-2000:]
             )
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
+        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
+                             socket_timeout=1)
         try:
             return bool(client.ping())  # a server still loading its AOF answers LOADING (error)
         except redis.RedisError:
