@@ -23,6 +23,7 @@ DEFAULT_SEED = 0
 DEFAULT_METRICS_PORT = 9808
 
 BUNDLED_MODEL = Path(__file__).parent / "models" / "astronn-dist-demo.pt"
+LOG_FORMATS = ("text", "json")  # worker.logs
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -77,5 +78,12 @@ class Settings:
             max_deliveries=int(_env("ASTRONN_DIST_MAX_DELIVERIES", "5")),
             max_retries=int(_env("ASTRONN_DIST_MAX_RETRIES", "5")),
             metrics_port=int(_env("ASTRONN_DIST_METRICS_PORT", str(DEFAULT_METRICS_PORT))),
-            log_format=_env("ASTRONN_DIST_LOG_FORMAT", "text").strip().lower(),
+            log_format=_log_format(_env("ASTRONN_DIST_LOG_FORMAT", "text")),
         )
+
+
+def _log_format(value: str) -> str:
+    value = value.strip().lower()
+    if value not in LOG_FORMATS:
+        raise ValueError(f"ASTRONN_DIST_LOG_FORMAT={value!r}: use one of {', '.join(LOG_FORMATS)}")
+    return value

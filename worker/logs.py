@@ -18,7 +18,7 @@ from typing import Any
 
 from celery.signals import after_setup_logger, after_setup_task_logger
 
-LOG_FORMATS = ("text", "json")
+from worker.config import LOG_FORMATS
 # Attributes every LogRecord has: anything else on a record came from ``extra=``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 

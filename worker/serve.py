@@ -15,7 +15,7 @@ each process's memory, and a chunk that crashes its process takes nothing else d
   ``cores // N`` torch threads (``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, read by torch at import
   in the pool process, unless the environment already sets them). Measured on 2 cores
   (BENCHMARKS.md): one process with 2 threads reached 94-108 spectra/s end to end, two
-  single-threaded processes 147-151, because a process's Python work (reading FITS headers,
+  single-threaded processes 147-154, because a process's Python work (reading FITS headers,
   the task, the database) holds its GIL while its inference threads wait, whereas two
   processes overlap one's reading with the other's inference. Each process holds its own model
   and batch (about 0.4 GB resident on the CPU), hence the cap; ``--concurrency N`` sets N.
