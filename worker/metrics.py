@@ -29,6 +29,7 @@ Nothing secret is ever a label: no URL, path or message content.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
@@ -136,6 +137,7 @@ def serve(port: int, address: str = "0.0.0.0") -> bool:
     if not folder:
         folder = tempfile.mkdtemp(prefix="astronn-dist-metrics-")
         os.environ[MULTIPROC_ENV] = folder
+        atexit.register(shutil.rmtree, folder, True)  # ours: gone with the worker
     else:  # stale files of a previous run would be summed in
         shutil.rmtree(folder, ignore_errors=True)
         os.makedirs(folder, exist_ok=True)
