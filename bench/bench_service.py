@@ -18,6 +18,7 @@ migrated) before the clock starts; "pinned" workers run under ``taskset`` on one
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -25,7 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench.table import Row, print_rows
@@ -178,7 +179,7 @@ def producer_rate(settings: Settings, n: int, chunk: int, folder: Path) -> Row:
                report.enqueued, report.seconds, f"{report.messages} messages")
 
 
-def _postgres_database(admin_url: str) -> tuple[str, callable]:
+def _postgres_database(admin_url: str) -> tuple[str, Callable[[], None]]:
     import sqlalchemy as sa
 
     name = f"astronn_bench_{uuid.uuid4().hex[:8]}"
@@ -205,14 +206,14 @@ def run(n: int = 2000, databases: Sequence[str] = ("sqlite", "postgres"), chunk:
     rows: list[Row] = []
     try:
         requests = farm(work / "spectra", n)
-        sqlite_settings = Settings(**{**settings.__dict__,
-                                      "database_url": f"sqlite:///{work / 'bench.sqlite'}"})
+        sqlite_settings = dataclasses.replace(
+            settings, database_url=f"sqlite:///{work / 'bench.sqlite'}")
         rows.append(producer_rate(sqlite_settings, producer_spectra, chunk, work))
         for db in databases:
             drop = None
             if db == "postgres":
                 url, drop = _postgres_database(postgres_url)
-                db_settings = Settings(**{**settings.__dict__, "database_url": url})
+                db_settings = dataclasses.replace(settings, database_url=url)
             else:
                 db_settings = sqlite_settings
             try:

@@ -36,6 +36,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from functools import lru_cache
+from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
@@ -127,7 +128,7 @@ def serve(port: int, address: str = "0.0.0.0") -> bool:
     """Serve ``/metrics`` on ``address:port`` from this (parent) process, summed over its pool.
 
     Call before the pool forks. Uses ``PROMETHEUS_MULTIPROC_DIR`` when the environment sets it
-    (it must then be empty or this worker's own), else a fresh temporary folder. Returns False,
+    (its ``*.db`` sample files, a previous run's, are removed first), else a fresh temporary folder. Returns False,
     with a warning, when the port cannot be bound (e.g. a second worker on the host): the worker
     runs on without metrics rather than not at all. ``port`` 0 disables metrics.
     """
@@ -138,9 +139,10 @@ def serve(port: int, address: str = "0.0.0.0") -> bool:
         folder = tempfile.mkdtemp(prefix="astronn-dist-metrics-")
         os.environ[MULTIPROC_ENV] = folder
         atexit.register(shutil.rmtree, folder, True)  # ours: gone with the worker
-    else:  # stale files of a previous run would be summed in
-        shutil.rmtree(folder, ignore_errors=True)
+    else:  # a previous run's sample files would be summed in: remove them (only them)
         os.makedirs(folder, exist_ok=True)
+        for stale in Path(folder).glob("*.db"):
+            stale.unlink(missing_ok=True)
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.multiprocess import MultiProcessCollector
 

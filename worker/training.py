@@ -262,18 +262,19 @@ def calibrate_variance_head(
         mean, mc_var = out.mean(0), out.var(0)  # Bessel's correction, as at inference
         resid2 = (y - mean) ** 2
 
+    def total_variance() -> torch.Tensor:
+        """exp(mean log-variance) + MC variance (N,), as at inference."""
+        return torch.exp(net.dense_var(h).squeeze(-1).mean(0)) + mc_var
+
     def quality() -> dict[str, float]:
         with torch.no_grad():
-            total = torch.exp(net.dense_var(h).squeeze(-1).mean(0)) + mc_var
-            pull = (y - mean) / torch.sqrt(total)
+            pull = (y - mean) / torch.sqrt(total_variance())
             return {"pull_std": float(pull.std()), "within_1_sigma": float((pull.abs() < 1).double().mean())}
 
     before = quality()
-    head = net.dense_var
-    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(net.dense_var.parameters(), lr=lr)
     for _ in range(steps):
-        log_var = head(h).squeeze(-1).mean(0)  # (N,) mean log-variance, as at inference
-        var = torch.exp(log_var) + mc_var + e**2
+        var = total_variance() + e**2
         loss = (0.5 * resid2 / var + 0.5 * torch.log(var)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
