@@ -3,7 +3,6 @@ with subprocess, publishing, and reading the results table."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,19 +15,18 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 
+from _data import astronn_parameters  # tests/ is on sys.path
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def build_checkpoint(shared_data: Path, path: Path, seed: int = 1234) -> Path:
+def build_checkpoint(path: Path, seed: int = 1234) -> Path:
     """Random weights (fixed seed) with the real astroNN DR17 input_mean and labels_std."""
     import torch
 
     from worker.model import ApogeeDistBCNN, save_checkpoint
 
-    params = json.loads(
-        (shared_data / "astronn" / "astroNN_gaia_dr17_model_3.astroNN_model_parameter.json")
-        .read_text()
-    )
+    params = astronn_parameters()
     torch.manual_seed(seed)
     net = ApogeeDistBCNN()
     state = net.state_dict()

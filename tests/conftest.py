@@ -1,4 +1,4 @@
-"""Shared fixtures: the real data beside the project and the real services on this machine."""
+"""Shared fixtures: the real data the repository carries and the real services on this machine."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("ASTRONN_DIST_SHARED_DATA", REPO.parent / "shared" / "data"))
+from _data import SAMPLES, sample_files  # tests/ is on sys.path
 
 TEST_REDIS_URL = os.environ.get("ASTRONN_DIST_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TEST_POSTGRES_URL = os.environ.get(
@@ -29,16 +28,15 @@ def _reachable(url: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """``../shared/data``: the real DR17 apStar files and astroNN's model metadata."""
-    if not (SHARED_DATA / "apstar").is_dir():
-        pytest.skip(f"real reference data not found at {SHARED_DATA}")
-    return SHARED_DATA
+def apstar_files() -> list[Path]:
+    """The two real DR17 apStar files of ``samples/apstar`` (bulge star, Kepler-field star)."""
+    return sample_files()
 
 
 @pytest.fixture(scope="session")
-def apstar_files(shared_data: Path) -> list[Path]:
-    return sorted((shared_data / "apstar").glob("apStar-*.fits"))
+def sample_dir(apstar_files: list[Path]) -> Path:
+    """``samples/apstar``: the folder that holds exactly the real files."""
+    return SAMPLES
 
 
 @pytest.fixture()

@@ -8,12 +8,11 @@ exactly and its photometry carries no noise: the distance error is the fakemag e
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: F401  (the bundled model needs it)
 
 from worker import synth  # noqa: E402
 from worker.config import BUNDLED_MODEL  # noqa: E402

@@ -167,8 +167,8 @@ def test_scan_reports_size_and_mtime(tmp_path: Path, apstar_files: list[Path]):
     assert entry.size == a.stat().st_size and entry.mtime_ns == a.stat().st_mtime_ns
 
 
-def test_real_files_and_gather(tmp_path: Path, apstar_files: list[Path], shared_data: Path):
-    found = find_spectra([shared_data / "apstar"])
+def test_real_files_and_gather(tmp_path: Path, apstar_files: list[Path], sample_dir: Path):
+    found = find_spectra([sample_dir])
     assert [r.spectrum_id for r in found] == [p.name for p in apstar_files]
     assert [r.path for r in found] == [str(p) for p in apstar_files]
 
@@ -176,7 +176,7 @@ def test_real_files_and_gather(tmp_path: Path, apstar_files: list[Path], shared_
     a = apstar_files[0]
     catalog = tmp_path / "one.csv"
     catalog.write_text(f"path,spectrum_id,K,E_BV\n{a},star-a,9.811,0.5\n")
-    requests = gather([shared_data / "apstar"], catalog)
+    requests = gather([sample_dir], catalog)
     assert requests[0] == SpectrumRequest("star-a", str(a), 9.811, 0.5)
     assert [r.spectrum_id for r in requests[1:]] == [apstar_files[1].name]
     with pytest.raises(CatalogError, match="nothing to process"):

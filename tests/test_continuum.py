@@ -130,11 +130,11 @@ def make_variants(flux: np.ndarray, err: np.ndarray, bits: np.ndarray) -> dict[s
 
 
 @pytest.fixture(scope="module")
-def real_rows(shared_data: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def real_rows(sample_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Every HDU1 row of both real files (coadds, combinations, visits), with HDU2/HDU3 rows."""
     rows = {}
     for name in (BULGE, KEPLER):
-        flux, err, bits = _read_all_rows(shared_data / "apstar" / name)
+        flux, err, bits = _read_all_rows(sample_dir / name)
         for i in range(flux.shape[0]):
             rows[f"{name}[{i}]"] = (flux[i], err[i], bits[i])
     return rows

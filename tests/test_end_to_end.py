@@ -65,8 +65,8 @@ def _variants(real: Path, folder: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_checkpoint(shared_data, tmp_path_factory.mktemp("model") / "random-dr17.pt")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("model") / "random-dr17.pt")
 
 
 def _catalog(folder: Path, apstar_files: list[Path]) -> tuple[Path, list[dict]]:

@@ -27,8 +27,8 @@ VISIBILITY_S = 10  # a whole-worker death gives its chunk back after this
 
 
 @pytest.fixture(scope="module")
-def checkpoint(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_checkpoint(shared_data, tmp_path_factory.mktemp("model") / "random-dr17.pt")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("model") / "random-dr17.pt")
 
 
 @pytest.fixture()

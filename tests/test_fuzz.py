@@ -103,10 +103,10 @@ def test_split_message_rejects_or_sorts_out_anything(payload) -> None:
 @settings(max_examples=1, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
 @given(stream=st.lists(messages(), min_size=100, max_size=100))
 def test_a_worker_survives_a_stream_of_malformed_messages(
-    stream: list, redis_url: str, sqlite_url: str, shared_data: Path, apstar_files: list[Path],
+    stream: list, redis_url: str, sqlite_url: str, apstar_files: list[Path],
     tmp_path: Path,
 ) -> None:
-    checkpoint = build_checkpoint(shared_data, tmp_path / "random-dr17.pt")
+    checkpoint = build_checkpoint(tmp_path / "random-dr17.pt")
     root = tmp_path / "spectra"
     good = spectra_farm(apstar_files, root, 4)
     env = worker_env(redis_url=redis_url, database_url=sqlite_url, model=checkpoint,

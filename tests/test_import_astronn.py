@@ -11,15 +11,15 @@ apStar spectra; the ``reference`` test checks the same against Keras itself.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
+from _data import write_astronn_parameter_json  # noqa: E402 (tests/ is on sys.path)
 from worker.continuum import normalize  # noqa: E402
 from worker.import_astronn import (  # noqa: E402
     PARAMETER_FILE,
@@ -30,7 +30,6 @@ from worker.import_astronn import (  # noqa: E402
 from worker.model import load_model  # noqa: E402
 from worker.spectra import read_apstar  # noqa: E402
 
-REAL_JSON = "astronn/astroNN_gaia_dr17_model_3.astroNN_model_parameter.json"
 
 # Keras kernel shapes of ApogeeBCNN as configured for the DR17 distance model.
 SHAPES = {
@@ -116,10 +115,10 @@ def write_keras_h5(
                 group.create_dataset(wname.decode(), data=array)
 
 
-def make_folder(root: Path, shared_data: Path, layers, **kwargs) -> Path:
+def make_folder(root: Path, layers, **kwargs) -> Path:
     folder = root / "astroNN_gaia_dr17_model_3"
     folder.mkdir(parents=True)
-    shutil.copy(shared_data / REAL_JSON, folder / PARAMETER_FILE)
+    write_astronn_parameter_json(folder / PARAMETER_FILE)
     write_keras_h5(folder / WEIGHTS_FILE, layers, **kwargs)
     return folder
 
@@ -169,9 +168,9 @@ def torch_forward(checkpoint: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return out.double().numpy(), log_var.double().numpy(), net
 
 
-def test_import_matches_keras_semantics(tmp_path, shared_data, spectra):
+def test_import_matches_keras_semantics(tmp_path, spectra):
     weights = random_weights(1)
-    folder = make_folder(tmp_path, shared_data, keras2_layers(weights))
+    folder = make_folder(tmp_path, keras2_layers(weights))
     checkpoint = import_model(folder, tmp_path / "imported.pt")
     assert checkpoint == tmp_path / "imported.pt"
 
@@ -193,10 +192,10 @@ def test_import_matches_keras_semantics(tmp_path, shared_data, spectra):
     np.testing.assert_array_equal(state["dense_var.bias"].numpy(), weights["variance"][1])
 
 
-def test_channel_last_flatten_is_required(tmp_path, shared_data, spectra):
+def test_channel_last_flatten_is_required(tmp_path, spectra):
     """Guards the test itself: a channel-first dense_1 would give different numbers."""
     weights = random_weights(2)
-    folder = make_folder(tmp_path, shared_data, keras2_layers(weights))
+    folder = make_folder(tmp_path, keras2_layers(weights))
     out, _, _ = torch_forward(import_model(folder, tmp_path / "m.pt"), spectra)
     permuted = dict(weights)
     kernel = weights["dense_1"][0]  # rows t * 4 + c; channel-first would be c * 1878 + t
@@ -217,7 +216,7 @@ def test_channel_last_flatten_is_required(tmp_path, shared_data, spectra):
         (("dense_8", "dense_9"), "output", None),
     ],
 )
-def test_heads_are_told_apart(tmp_path, shared_data, spectra, heads, first, config):
+def test_heads_are_told_apart(tmp_path, spectra, heads, first, config):
     weights = random_weights(3)
     layers = keras2_layers(weights, heads=heads)
     if first == "variance":  # write the variance head's weights under the first-listed name
@@ -233,22 +232,22 @@ def test_heads_are_told_apart(tmp_path, shared_data, spectra, heads, first, conf
                 ]
             },
         }
-    folder = make_folder(tmp_path, shared_data, layers, model_config=model_config)
+    folder = make_folder(tmp_path, layers, model_config=model_config)
     _, _, net = torch_forward(import_model(folder, tmp_path / "m.pt"), spectra)
     np.testing.assert_array_equal(net.dense_output.weight.detach().numpy(), weights["output"][0].T)
     np.testing.assert_array_equal(net.dense_var.weight.detach().numpy(), weights["variance"][0].T)
 
 
-def test_save_weights_layout_at_root(tmp_path, shared_data, spectra):
+def test_save_weights_layout_at_root(tmp_path, spectra):
     weights = random_weights(4)
-    folder = make_folder(tmp_path, shared_data, keras2_layers(weights), full_model=False)
+    folder = make_folder(tmp_path, keras2_layers(weights), full_model=False)
     out, _, _ = torch_forward(import_model(folder, tmp_path / "m.pt"), spectra)
     input_mean = np.asarray(json.loads((folder / PARAMETER_FILE).read_text())["input_mean"]["input"])
     np.testing.assert_allclose(out, keras_forward(spectra, weights, input_mean)[0], rtol=1e-5, atol=1e-6)
 
 
-def test_missing_files_are_named(tmp_path, shared_data):
-    folder = make_folder(tmp_path, shared_data, keras2_layers(random_weights(5)))
+def test_missing_files_are_named(tmp_path):
+    folder = make_folder(tmp_path, keras2_layers(random_weights(5)))
     (folder / WEIGHTS_FILE).unlink()
     with pytest.raises(AstroNNImportError, match=WEIGHTS_FILE):
         import_model(folder, tmp_path / "m.pt")
@@ -260,22 +259,22 @@ def test_missing_files_are_named(tmp_path, shared_data):
     assert not (tmp_path / "m.pt").exists()
 
 
-def test_missing_layer_and_wrong_shapes(tmp_path, shared_data):
+def test_missing_layer_and_wrong_shapes(tmp_path):
     weights = random_weights(6)
     layers = [layer for layer in keras2_layers(weights) if layer[0] != "dense_7"]
-    folder = make_folder(tmp_path / "a", shared_data, layers)
+    folder = make_folder(tmp_path / "a", layers)
     with pytest.raises(AstroNNImportError, match=r"\(192, 64\)"):
         import_model(folder, tmp_path / "m.pt")
 
     wider = dict(weights)
     wider["conv2"] = (np.zeros((8, 2, 8), np.float32), np.zeros(8, np.float32))  # 8 filters, not 4
-    folder = make_folder(tmp_path / "b", shared_data, keras2_layers(wider))
+    folder = make_folder(tmp_path / "b", keras2_layers(wider))
     with pytest.raises(AstroNNImportError, match="Conv1D"):
         import_model(folder, tmp_path / "m.pt")
 
 
-def test_incompatible_normalization_is_refused(tmp_path, shared_data):
-    folder = make_folder(tmp_path, shared_data, keras2_layers(random_weights(7)))
+def test_incompatible_normalization_is_refused(tmp_path):
+    folder = make_folder(tmp_path, keras2_layers(random_weights(7)))
     params = json.loads((folder / PARAMETER_FILE).read_text())
     params["labels_mean"]["output"] = [50.0]
     (folder / PARAMETER_FILE).write_text(json.dumps(params))
@@ -284,7 +283,7 @@ def test_incompatible_normalization_is_refused(tmp_path, shared_data):
 
 
 @pytest.mark.reference
-def test_import_matches_keras_model(tmp_path, shared_data, spectra):
+def test_import_matches_keras_model(tmp_path, spectra):
     """The same check against Keras itself: a Keras ApogeeBCNN saved by ``Model.save('.h5')``.
 
     astroNN 1.1.0's own model classes cannot be built with the TensorFlow/Keras 3 installed here
@@ -311,7 +310,7 @@ def test_import_matches_keras_model(tmp_path, shared_data, spectra):
 
     folder = tmp_path / "astroNN_gaia_dr17_model_3"
     folder.mkdir()
-    shutil.copy(shared_data / REAL_JSON, folder / PARAMETER_FILE)
+    write_astronn_parameter_json(folder / PARAMETER_FILE)
     model.save(folder / WEIGHTS_FILE)  # legacy HDF5, as astroNN saves
 
     input_mean = np.asarray(json.loads((folder / PARAMETER_FILE).read_text())["input_mean"]["input"])

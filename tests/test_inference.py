@@ -8,14 +8,14 @@ Carlo noise; the tests below say how much noise and why.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
+from _data import astronn_parameters  # noqa: E402 (tests/ is on sys.path)
 from worker.inference import (  # noqa: E402
     MaskLayout,
     Predictor,
@@ -31,13 +31,12 @@ from worker.model import (  # noqa: E402
     save_checkpoint,
 )
 
-PARAMS = "astronn/astroNN_gaia_dr17_model_3.astroNN_model_parameter.json"
 
 
-def _net(shared_data: Path, dropout_rate: float = 0.3, seed: int = 11) -> ApogeeDistBCNN:
+def _net(dropout_rate: float = 0.3, seed: int = 11) -> ApogeeDistBCNN:
     """Random weights (PyTorch's default init, fixed seed) with the real DR17 input_mean and
     labels_std."""
-    params = json.loads((shared_data / PARAMS).read_text())
+    params = astronn_parameters()
     torch.manual_seed(seed)
     net = ApogeeDistBCNN(BCNNConfig(dropout_rate=dropout_rate))
     with torch.no_grad():
@@ -53,17 +52,17 @@ def _net(shared_data: Path, dropout_rate: float = 0.3, seed: int = 11) -> Apogee
 
 
 @pytest.fixture(scope="module")
-def model(shared_data, tmp_path_factory):
+def model(tmp_path_factory):
     """The network through a real checkpoint file, as the worker loads it."""
-    path = save_checkpoint(_net(shared_data), tmp_path_factory.mktemp("m") / "random-dr17.pt")
+    path = save_checkpoint(_net(), tmp_path_factory.mktemp("m") / "random-dr17.pt")
     return load_model(path)
 
 
 @pytest.fixture(scope="module")
-def flux(shared_data) -> np.ndarray:
+def flux() -> np.ndarray:
     """64 plausible normalized spectra: astroNN's mean DR17 spectrum (input_mean), each with
     its own line-depth scaling, smooth continuum error and photon noise; (64, 7514) float64."""
-    params = json.loads((shared_data / PARAMS).read_text())
+    params = astronn_parameters()
     mean = np.asarray(params["input_mean"]["input"])
     rng = np.random.default_rng(5)
     n = 64
@@ -112,11 +111,11 @@ def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
 # Exactness where there is no randomness
 
 
-def test_no_dropout_equals_module_forward(shared_data, flux):
+def test_no_dropout_equals_module_forward(flux):
     """With dropout off every pass is the plain forward: the fast path (conv1 once, conv2 as a
     Toeplitz product, pooling and flatten order, folded scales) must reproduce nn.Module's
     forward to float32 rounding."""
-    net = _net(shared_data, dropout_rate=0.0)
+    net = _net(dropout_rate=0.0)
     loaded = LoadedModel(net=net, model_id="p0", path=Path("p0.pt"), device=torch.device("cpu"))
     pred = Predictor(loaded, mc_passes=3, seed=0)
     got = pred.predict(flux[:16], [f"s{i}" for i in range(16)])
@@ -312,15 +311,15 @@ def test_resolve_device():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_matches_cpu(shared_data, flux, tmp_path):
+def test_cuda_matches_cpu(flux, tmp_path):
     """On a GPU: dropout off gives the CPU numbers; with dropout, the same statistics, and
     per-spectrum reproducibility across batches."""
-    path = save_checkpoint(_net(shared_data, dropout_rate=0.0), tmp_path / "p0.pt")
+    path = save_checkpoint(_net(dropout_rate=0.0), tmp_path / "p0.pt")
     cpu = Predictor(load_model(path), mc_passes=3).predict(flux[:8], list("abcdefgh"))
     gpu = Predictor(load_model(path, "cuda"), mc_passes=3).predict(flux[:8], list("abcdefgh"))
     np.testing.assert_allclose(gpu.fakemag, cpu.fakemag, rtol=1e-5)
     np.testing.assert_allclose(gpu.fakemag_err, cpu.fakemag_err, rtol=1e-5)
-    path = save_checkpoint(_net(shared_data), tmp_path / "p3.pt")
+    path = save_checkpoint(_net(), tmp_path / "p3.pt")
     ids = [f"c{i}" for i in range(len(flux))]
     pred = Predictor(load_model(path, "cuda"), mc_passes=100, seed=0, max_rows=1000)
     full = pred.predict(flux, ids)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 import torch.nn.functional as F  # noqa: E402
+from _data import astronn_parameters  # noqa: E402 (tests/ is on sys.path)
 
 from worker.model import (  # noqa: E402
     ApogeeDistBCNN,
@@ -19,7 +19,6 @@ from worker.model import (  # noqa: E402
     save_checkpoint,
 )
 
-PARAMS = "astronn/astroNN_gaia_dr17_model_3.astroNN_model_parameter.json"
 NAMES = {
     "input_mean": (7514,),
     "labels_std": (1,),
@@ -39,10 +38,10 @@ NAMES = {
 
 
 @pytest.fixture(scope="module")
-def sdss_state(shared_data: Path) -> dict[str, torch.Tensor]:
+def sdss_state() -> dict[str, torch.Tensor]:
     """A state dict as SDSS-V's checkpoint has it: the real DR17 input_mean and labels_std
     (from astroNN's published model parameters), random weights, float64 constants."""
-    params = json.loads((shared_data / PARAMS).read_text())
+    params = astronn_parameters()
     gen = torch.Generator().manual_seed(7)
     state = {
         name: 0.05 * torch.randn(shape, generator=gen)

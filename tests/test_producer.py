@@ -79,7 +79,7 @@ def _catalog(tmp_path: Path, n: int) -> Path:
 def test_model_id_without_torch_matches_the_worker(tmp_path: Path, model_file: Path):
     digest = __import__("hashlib").sha256(model_file.read_bytes()).hexdigest()
     assert model_id_of(model_file) == f"demo-model-{digest[:12]}"
-    model = pytest.importorskip("worker.model")
+    import worker.model as model
     path = model.save_checkpoint(model.ApogeeDistBCNN(), tmp_path / "random.pt")
     assert model_id_of(path) == model.load_model(path).model_id
 

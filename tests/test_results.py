@@ -185,7 +185,7 @@ def test_upsert_inserts_then_updates_without_duplicates(engine: sa.Engine):
 
 
 def test_nan_and_numpy_values(engine: sa.Engine):
-    np = pytest.importorskip("numpy")
+    import numpy as np
     results.upsert_results(engine, [
         no_result("failed"),
         row("np", k_mag=np.float32(9.25), dist=np.float64(np.inf), result_flags=np.int64(4),

@@ -28,13 +28,13 @@ def _cli(capsys, *args: str) -> tuple[int, str]:
 
 
 def test_password_protected_redis_end_to_end_and_never_echoed(
-    capsys, sqlite_url: str, shared_data: Path, apstar_files: list[Path], tmp_path: Path,
+    capsys, sqlite_url: str, apstar_files: list[Path], tmp_path: Path,
     workers: list[Worker],
 ) -> None:
     server = RedisServer(tmp_path / "redis", password=PASSWORD).start()
     try:
         url = server.url()
-        checkpoint = build_checkpoint(shared_data, tmp_path / "random-dr17.pt")
+        checkpoint = build_checkpoint(tmp_path / "random-dr17.pt")
         entries = spectra_farm(apstar_files, tmp_path / "spectra", 6)
         catalog = tmp_path / "catalog.csv"
         catalog.write_text("spectrum_id,path\n" + "".join(f"{e['spectrum_id']},{e['path']}\n" for e in entries))

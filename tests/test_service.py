@@ -31,8 +31,8 @@ pytestmark = [pytest.mark.service, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_checkpoint(shared_data, tmp_path_factory.mktemp("model") / "random-dr17.pt")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("model") / "random-dr17.pt")
 
 
 def _one_row_each(database_url: str, ids: list[str]) -> list[dict]:

@@ -19,8 +19,8 @@ KEPLER = "apStar-dr17-2M19485057+5005279.fits"
 
 
 @pytest.fixture(scope="module")
-def apstar_dir(shared_data: Path) -> Path:
-    return shared_data / "apstar"
+def apstar_dir(sample_dir: Path) -> Path:
+    return sample_dir
 
 
 @pytest.fixture(scope="module")

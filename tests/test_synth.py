@@ -1,6 +1,6 @@
 """The synthetic survey (worker.synth): layout, statistics and truth against the real DR17 files.
 
-The benchmarks are the two real apStar files in ../shared/data/apstar; each statistical test
+The benchmarks are the two real apStar files in samples/apstar; each statistical test
 asserts the real files inside the same bounds as the synthetic ones, so the bounds say what
 "realistic" means here and cannot drift away from the real data unnoticed.
 """

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 from worker.continuum import normalize  # noqa: E402
 from worker.model import load_model  # noqa: E402

@@ -67,7 +67,7 @@ What one star is (all relations are stated so a reader can check a row of the ca
   error ~ 5e12 as DR17 writes it, with a few unflagged neighbours of large error), cosmic
   rays (bit 1), and the chip edges (bits 0+7 and a decaying unflagged error halo).
 
-File layout (DR17, see /work/shared/data/README.md): primary header with OBJID, K, H, SFD_EBV,
+File layout (DR17, as the real files of samples/apstar): primary header with OBJID, K, H, SFD_EBV,
 NVISITS, SNR, SNRVISn (0 for a single visit, as DR17), the wavelength solution and
 ``SYNTHETC = T`` (plus SYNSEED, SYNINDEX); HDU1 flux, HDU2 error
 (float64), HDU3 bitmask (int64), each (rows, 8575) with rows = 2 + nvisits when nvisits > 1
