@@ -246,6 +246,14 @@ class Predictor:
         self.keep_probability = 1.0 - drop_levels / RANDOM_LEVELS
         self.threads = max(1, int(threads if threads is not None else torch.get_num_threads()))
         self.pass_tile = max(1, int(pass_tile))
+        # CPU: a spectrum's passes always run in these same parts (one forward call each),
+        # whatever the batch holds. Matrix products of other row counts may round
+        # differently (MKL picks kernels by shape), so a fixed split is what keeps a
+        # spectrum's numbers identical in any batch; the parts also let several workers share
+        # one spectrum when a batch has fewer spectra than workers.
+        edges = np.linspace(0, self.mc_passes, min(self.threads, self.mc_passes) + 1)
+        edges = edges.round().astype(int)
+        self._pass_parts = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
         # Rows (spectrum x pass) per block of work on a GPU: bounds its memory (~0.4 MB a row).
         self.max_rows = int(max_rows or 4096)
         self._pool: ThreadPoolExecutor | None = None
@@ -439,7 +447,8 @@ class Predictor:
                       log_var: np.ndarray) -> None:
         """All passes of one spectrum on the CPU, into out and log_var (P,)."""
         masks = draw_random16(seed, self.mc_passes, self.layout)
-        self._passes(hp_row, masks, 0, self.mc_passes, out, log_var)
+        for p0, p1 in self._pass_parts:
+            self._passes(hp_row, masks, p0, p1, out, log_var)
 
     def _passes(self, hp_row: torch.Tensor, masks: tuple[torch.Tensor, ...], p0: int, p1: int,
                 out: np.ndarray, log_var: np.ndarray) -> None:
@@ -463,15 +472,12 @@ class Predictor:
                     for i in range(n)]
         else:
             # Fewer spectra than workers: draw each spectrum's numbers here (a generator stream
-            # is serial anyway), then share its passes out among the workers.
-            parts = -(-self.threads // n)
-            bounds = np.linspace(0, self.mc_passes, parts + 1).round().astype(int)
+            # is serial anyway), then share its parts out among the workers.
             jobs = []
             for i in range(n):
                 masks = draw_random16(seeds[i], self.mc_passes, self.layout)
-                jobs += [pool.submit(self._passes, hp[i], masks, int(p0), int(p1), out[i],
-                                     log_var[i])
-                         for p0, p1 in zip(bounds[:-1], bounds[1:]) if p1 > p0]
+                jobs += [pool.submit(self._passes, hp[i], masks, p0, p1, out[i], log_var[i])
+                         for p0, p1 in self._pass_parts]
         for job in jobs:
             job.result()  # re-raises a worker's exception here
 
