@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-torch = pytest.importorskip("torch")
+import torch
 
 import worker.pipeline as pipeline  # noqa: E402
 from _service import bad_spectrum_files  # noqa: E402 (tests/ is on sys.path)
+from _data import astronn_parameters  # noqa: E402
 from worker import PIPELINE_VERSION  # noqa: E402
 from worker.distance import (  # noqa: E402
     FLAG_MISSING_EXTINCTION,
@@ -36,12 +37,9 @@ BAD_MASK = 1 | 2 | 2048
 
 
 @pytest.fixture(scope="module")
-def checkpoint(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Random weights (fixed seed) + the real input_mean and labels_std, saved as a checkpoint."""
-    params = json.loads(
-        (shared_data / "astronn" / "astroNN_gaia_dr17_model_3.astroNN_model_parameter.json")
-        .read_text()
-    )
+    params = astronn_parameters()
     torch.manual_seed(1234)
     net = ApogeeDistBCNN()
     state = net.state_dict()
@@ -57,8 +55,8 @@ def predictor(checkpoint: Path) -> Predictor:
 
 
 @pytest.fixture(scope="module")
-def real(shared_data: Path) -> dict[str, str]:
-    return {name: str(shared_data / "apstar" / name) for name in (BULGE, KEPLER)}
+def real(sample_dir: Path) -> dict[str, str]:
+    return {name: str(sample_dir / name) for name in (BULGE, KEPLER)}
 
 
 def _req(path: str, sid: str | None = None, **photometry: float | None) -> SpectrumRequest:
@@ -297,6 +295,10 @@ def test_non_finite_network_output_is_a_no_result_record(
     broken = Predictor(load_model(save_checkpoint(net, tmp_path / "overflow.pt")), mc_passes=5)
     (record,) = process_batch([_req(real[KEPLER])], broken)
     assert math.isnan(record.L_fakemag) and math.isnan(record.dist)
+    # No result: the row keeps the photometry that was sent (none here), not the header's.
+    assert math.isnan(record.k_mag) and math.isnan(record.ebv) and math.isnan(record.a_k_mag)
+    (sent,) = process_batch([SpectrumRequest("s", real[KEPLER], k_mag=11.0, ebv=0.3)], broken)
+    assert (sent.k_mag, sent.ebv) == (11.0, 0.3) and sent.result_flags & FLAG_NO_RESULT
     assert record.result_flags & FLAG_NO_RESULT and record.result_flags & 1
     assert record.flag_bad
     assert record.error == pipeline.NON_FINITE_PREDICTION

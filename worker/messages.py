@@ -63,13 +63,22 @@ class InvalidSpectrum:
     """One entry of ``spectra`` that cannot be processed.
 
     index: its position in the message; spectrum_id / path: the values if they are usable
-    strings (a no-result row can be written only with a spectrum_id), else None; reason: why.
+    strings (a no-result row can be written only with a spectrum_id), else None; reason: why;
+    k_mag / ebv: the entry's photometry where it is a usable number (kept in the no-result
+    row, so a requeue sends it again), else None.
     """
 
     index: int
     spectrum_id: str | None
     path: str | None
     reason: str
+    k_mag: float | None = None
+    ebv: float | None = None
+
+    def as_request(self) -> SpectrumRequest:
+        """The entry as a request, for its no-result row (needs a spectrum_id)."""
+        assert self.spectrum_id is not None
+        return SpectrumRequest(self.spectrum_id, self.path or "", k_mag=self.k_mag, ebv=self.ebv)
 
 
 @dataclass(frozen=True)
@@ -148,6 +157,16 @@ def _parse_spectrum(entry: Any, roots: Sequence[Path]) -> SpectrumRequest:
             f"{os.pathsep.join(str(r) for r in roots)})"
         )
     return SpectrumRequest(spectrum_id=spectrum_id, path=path, k_mag=k_mag, ebv=ebv)
+
+
+def _usable_photometry(entry: Any, key: str) -> float | None:
+    """``entry[key]`` if it is a usable number, for the no-result row of an invalid entry."""
+    if not isinstance(entry, Mapping):
+        return None
+    try:
+        return _check_photometry(entry.get(key), key)
+    except (ValueError, OverflowError):
+        return None
 
 
 def _usable(entry: Any, key: str, max_chars: int) -> str | None:
@@ -241,6 +260,8 @@ def split_message(payload: Any, *, data_roots: Iterable[Path] = ()) -> ParsedMes
                     spectrum_id=_usable(entry, "spectrum_id", MAX_ID_CHARS),
                     path=_usable(entry, "path", MAX_PATH_CHARS),
                     reason=f"invalid message entry {index}: {exc}",
+                    k_mag=_usable_photometry(entry, "k_mag"),
+                    ebv=_usable_photometry(entry, "ebv"),
                 )
             )
 

@@ -98,8 +98,10 @@ class SpectrumRequest:
 class ResultRecord:
     """One row of ``astro_nn_dist``. Floats may be NaN (stored as NULL by :meth:`as_row`).
 
-    t_elapsed [s per spectrum]; k_mag, ebv, a_k_mag [mag] as used (missing -> 0; NaN when there
-    is no result); L_fakemag, L_fakemag_err [fakemag units]; dist, dist_err [pc].
+    t_elapsed [s per spectrum]; k_mag, ebv, a_k_mag [mag] as used (missing -> 0). A record
+    without a result keeps the photometry its request carried in k_mag and ebv (NaN where it
+    carried none), so that a requeue sends exactly the first inputs; its a_k_mag is NaN.
+    L_fakemag, L_fakemag_err [fakemag units]; dist, dist_err [pc].
     """
 
     spectrum_id: str
@@ -270,13 +272,14 @@ def _finish(
         dist = compute_distances(fakemag, fakemag_err, k_mag, ebv)
         for j, i in enumerate(good):
             flags = int(dist.result_flags[j])
+            failed = bool(flags & FLAG_NO_RESULT)  # a non-finite prediction: keep what was sent
             records[i] = ResultRecord(
                 spectrum_id=requests[i].spectrum_id,
                 path=requests[i].path,
                 t_elapsed=math.nan,  # process_batch fills it in, once the batch's time is known
-                k_mag=float(dist.k_mag[j]),
-                ebv=float(dist.ebv[j]),
-                a_k_mag=float(dist.a_k_mag[j]),
+                k_mag=_as_sent(requests[i].k_mag) if failed else float(dist.k_mag[j]),
+                ebv=_as_sent(requests[i].ebv) if failed else float(dist.ebv[j]),
+                a_k_mag=math.nan if failed else float(dist.a_k_mag[j]),
                 L_fakemag=float(fakemag[j]),
                 L_fakemag_err=float(fakemag_err[j]),
                 dist=float(dist.dist[j]),
@@ -284,30 +287,50 @@ def _finish(
                 result_flags=flags,
                 flag_warn=bool(dist.flag_warn[j]),
                 flag_bad=bool(dist.flag_bad[j]),
-                error=NON_FINITE_PREDICTION if flags & FLAG_NO_RESULT else None,
+                error=NON_FINITE_PREDICTION if failed else None,
                 **common,
             )
 
-    no_result_warn, no_result_bad = flags_summary(FLAG_NO_RESULT)
     for i, item in enumerate(loaded):
         if isinstance(item, SpectrumError):
-            records[i] = ResultRecord(
-                spectrum_id=requests[i].spectrum_id,
-                path=requests[i].path,
-                t_elapsed=math.nan,
-                k_mag=math.nan,
-                ebv=math.nan,
-                a_k_mag=math.nan,
-                L_fakemag=math.nan,
-                L_fakemag_err=math.nan,
-                dist=math.nan,
-                dist_err=math.nan,
-                result_flags=FLAG_NO_RESULT,
-                flag_warn=no_result_warn,
-                flag_bad=no_result_bad,
-                error=item.reason,
-                **common,
+            records[i] = no_result_record(
+                requests[i], item.reason, model_id=predictor.model_id,
+                mc_passes=predictor.mc_passes, seed=predictor.seed,
             )
 
     assert all(r is not None for r in records)  # every request is either good or a SpectrumError
     return records  # type: ignore[return-value]
+
+
+def _as_sent(value: float | None) -> float:
+    """A request's photometry as a record float: the value as given, NaN for none."""
+    return math.nan if value is None else float(value)
+
+
+def no_result_record(
+    request: SpectrumRequest, reason: str, *, model_id: str, mc_passes: int, seed: int
+) -> ResultRecord:
+    """The record of a spectrum that gets no distance: flag_no_result, the reason, NaN numbers,
+    and the photometry the request carried (as given, before any header substitution)."""
+    warn, bad = flags_summary(FLAG_NO_RESULT)
+    nan = math.nan
+    return ResultRecord(
+        spectrum_id=request.spectrum_id,
+        path=request.path,
+        model_id=model_id,
+        pipeline_version=PIPELINE_VERSION,
+        t_elapsed=nan,
+        k_mag=_as_sent(request.k_mag),
+        ebv=_as_sent(request.ebv),
+        a_k_mag=nan,
+        L_fakemag=nan,
+        L_fakemag_err=nan,
+        dist=nan,
+        dist_err=nan,
+        result_flags=FLAG_NO_RESULT,
+        flag_warn=bool(warn),
+        flag_bad=bool(bad),
+        error=reason,
+        mc_passes=int(mc_passes),
+        seed=int(seed),
+    )

@@ -12,8 +12,10 @@ Conventions of the stored values
 * ``created`` is the UTC time of the row's *latest* write: reprocessing a spectrum refreshes it
   (``producer.watch`` relies on that to tell a row newer than its file). It is read back as an
   aware ``datetime`` in UTC on both backends (SQLite stores it naive, in UTC).
-* ``k_mag``, ``ebv``, ``a_k_mag`` are the values *used* (missing -> 0, flags say so); NULL when
-  there is no result.
+* ``k_mag``, ``ebv``, ``a_k_mag`` are the values *used* (missing -> 0, flags say so). A row
+  without a result (``flag_no_result``) keeps in ``k_mag`` and ``ebv`` the photometry its message
+  carried, as given (NULL where it carried none), and ``a_k_mag`` NULL: ``requeue`` sends exactly
+  the first inputs again.
 * ``attempts``, ``host``, ``task_id`` are provenance given by the writer, stored as given.
 * ``flag_warn``/``flag_bad`` are computed by :mod:`worker.distance` and stored as given.
 
@@ -484,9 +486,10 @@ def select_for_requeue(
 
     Returns:
         ``worker.pipeline.SpectrumRequest`` (spectrum_id, path, k_mag, ebv): flagged rows in
-        spectrum_id order, then the named ones in the order given. Photometry: the stored value
-        (the one used last time, from the catalog or the header), or None where the flags say
-        it was missing or none is stored (no-result rows), so the worker reads the header again.
+        spectrum_id order, then the named ones in the order given. Photometry: a no-result row's
+        is what its message carried (None where it carried none: the worker reads the header
+        then); a computed row's is the value it used, or None where the flags say it was
+        missing, so the worker tries the header again.
 
     Raises:
         ValueError: no criterion given.

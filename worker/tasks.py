@@ -40,7 +40,6 @@ thread that loads them; the first task waits for that thread if it has not finis
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import socket
@@ -55,11 +54,11 @@ from celery.exceptions import Reject
 from celery.signals import worker_process_init, worker_process_shutdown
 from celery.utils.log import get_task_logger
 
-from worker import PIPELINE_VERSION, metrics
+from worker import metrics
 from worker.config import TASK_NAME, Settings
-from worker.distance import FLAG_NO_RESULT, flags_summary
+from worker.distance import FLAG_NO_RESULT
 from worker.messages import InvalidSpectrum, MessageError, split_message
-from worker.pipeline import ResultRecord, SpectrumRequest, process_batch
+from worker.pipeline import ResultRecord, SpectrumRequest, no_result_record, process_batch
 
 if TYPE_CHECKING:  # the parent process never imports torch: it forks the pool
     from sqlalchemy.engine import Engine
@@ -151,51 +150,13 @@ def _run_batches(
     return first + second, n_first + n_second
 
 
-def no_result_record(
-    spectrum_id: str,
-    path: str,
-    reason: str,
-    *,
-    model_id: str,
-    mc_passes: int,
-    seed: int,
-) -> ResultRecord:
-    """The row of a spectrum that gets no distance: flag_no_result, NaN numbers, the reason."""
-    warn, bad = flags_summary(FLAG_NO_RESULT)
-    nan = math.nan
-    return ResultRecord(
-        spectrum_id=spectrum_id,
-        path=path,
-        model_id=model_id,
-        pipeline_version=PIPELINE_VERSION,
-        t_elapsed=nan,
-        k_mag=nan,
-        ebv=nan,
-        a_k_mag=nan,
-        L_fakemag=nan,
-        L_fakemag_err=nan,
-        dist=nan,
-        dist_err=nan,
-        result_flags=FLAG_NO_RESULT,
-        flag_warn=bool(warn),
-        flag_bad=bool(bad),
-        error=reason,
-        mc_passes=int(mc_passes),
-        seed=int(seed),
-    )
-
-
 def _invalid_records(
     invalid: Iterable[InvalidSpectrum], predictor: Predictor
 ) -> list[ResultRecord]:
     return [
         no_result_record(
-            item.spectrum_id,
-            item.path or "",
-            item.reason,
-            model_id=predictor.model_id,
-            mc_passes=predictor.mc_passes,
-            seed=predictor.seed,
+            item.as_request(), item.reason,
+            model_id=predictor.model_id, mc_passes=predictor.mc_passes, seed=predictor.seed,
         )
         for item in invalid
         if item.spectrum_id is not None
@@ -267,7 +228,7 @@ def process_chunk(
 
 
 def write_no_results(
-    items: Iterable[tuple[str, str, str]],
+    items: Iterable[tuple[SpectrumRequest, str]],
     *,
     predictor: Predictor,
     engine: Engine,
@@ -275,14 +236,14 @@ def write_no_results(
     attempts: int,
     host: str,
 ) -> int:
-    """No-result rows for ``(spectrum_id, path, reason)`` items, in one transaction; returns
-    how many."""
+    """No-result rows for ``(request, reason)`` items, in one transaction (each keeps the
+    photometry its request carried); returns how many."""
     records = [
         no_result_record(
-            sid, path, reason,
+            request, reason,
             model_id=predictor.model_id, mc_passes=predictor.mc_passes, seed=predictor.seed,
         )
-        for sid, path, reason in items
+        for request, reason in items
     ]
     _write(engine, records, task_id=task_id, attempts=attempts, host=host)
     return len(records)
@@ -512,15 +473,13 @@ def process(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 
     deliveries = state.count_delivery(task_id, retries) or 1
     attempts = retries + deliveries
-    spectra = [(r.spectrum_id, r.path) for r in parsed.requests]
-    invalid_rows = [
-        (i.spectrum_id, i.path or "", i.reason) for i in parsed.invalid if i.spectrum_id is not None
-    ]
+    spectra = parsed.requests
+    invalid_rows = [(i.as_request(), i.reason) for i in parsed.invalid if i.spectrum_id is not None]
 
-    def failed(reason: str) -> list[tuple[str, str, str]]:
+    def failed(reason: str) -> list[tuple[SpectrumRequest, str]]:
         """Rows for a chunk that gets no results: ``reason`` for its spectra, their own reason
         for the entries that were invalid anyway."""
-        return [(sid, path, reason) for sid, path in spectra] + invalid_rows
+        return [(request, reason) for request in spectra] + invalid_rows
 
     def retry(exc: BaseException, why: str) -> None:
         countdown = retry_countdown(retries, settings.visibility_timeout_s)
