@@ -47,6 +47,13 @@ FLAG_FAKEMAG_UNRELIABLE = 1 << 0
 FLAG_MISSING_PHOTOMETRY = 1 << 1
 FLAG_MISSING_EXTINCTION = 1 << 2
 FLAG_NO_RESULT = 1 << 11
+FLAG_NAMES = {
+    FLAG_FAKEMAG_UNRELIABLE: "flag_fakemag_unreliable",
+    FLAG_MISSING_PHOTOMETRY: "flag_missing_photometry",
+    FLAG_MISSING_EXTINCTION: "flag_missing_extinction",
+    FLAG_NO_RESULT: "flag_no_result",
+}
+"""result_flags bit -> the name of its boolean column (DESIGN.md, "Flags")."""
 
 # flag_warn and flag_bad (DESIGN.md, "Flags") as bit masks over result_flags.
 WARN_MASK = FLAG_MISSING_EXTINCTION
