@@ -4,7 +4,8 @@
     python -m bench --quick            # smaller runs, rough figures in about a minute
     python -m bench --sections inference --device cuda
 
-Sections: inference (the Predictor beside the reference algorithm), continuum (the project beside
+Sections: prepare (each apStar reader side by side, and read + continuum + conv1 per core),
+inference (the Predictor beside the reference algorithm), continuum (the project beside
 astroNN), service (producer rate, end to end through Redis and real workers on SQLite and
 PostgreSQL, peak worker RSS). Each row states its conditions.
 """
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 
 from bench.table import Row, format_rows
 
-SECTIONS = ("inference", "continuum", "service")
+SECTIONS = ("prepare", "inference", "continuum", "service")
 
 
 def machine() -> str:
@@ -46,6 +47,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     rows: list[Row] = []
     print(f"machine: {machine()}", flush=True)
+    if "prepare" in args.sections:
+        from bench import bench_prepare
+
+        rows += bench_prepare.run(50 if args.quick else 200, seconds=1.0 if args.quick else 3.0)
+        print(format_rows(rows), flush=True)
     if "inference" in args.sections:
         from bench import bench_inference
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv (if absent) and install astronn-dist into it.
 #   scripts/bootstrap.sh            the service itself
-#   scripts/bootstrap.sh test       plus the test tools and the astroNN 1.1.0 reference (TensorFlow)
+#   scripts/bootstrap.sh test       plus the test tools, the astroNN 1.1.0 reference (TensorFlow)
+#                                   and the benchmarks' extra reader (fitsio)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
@@ -13,7 +14,7 @@ py=.venv/bin/python
 # any other version would download gigabytes of CUDA packages.
 "$py" -m pip install --quiet "torch==2.13.0"
 case "$extras" in
-  test) "$py" -m pip install --quiet -e ".[test,reference,postgres]" ;;
+  test) "$py" -m pip install --quiet -e ".[test,reference,postgres,bench]" ;;
   *)    "$py" -m pip install --quiet -e "." ;;
 esac
 echo "astronn-dist installed in $(pwd)/.venv"
