@@ -257,8 +257,9 @@ def test_as_row_is_plain_python(real: dict[str, str], predictor: Predictor) -> N
     assert set(row) == {
         "spectrum_id", "path", "model_id", "pipeline_version", "t_elapsed", "k_mag", "ebv",
         "a_k_mag", "L_fakemag", "L_fakemag_err", "dist", "dist_err", "result_flags",
-        "flag_warn", "flag_bad", "error", "mc_passes", "seed",
+        "flag_warn", "flag_bad", "error", "mc_passes", "seed", "device", "mask_rng",
     }
+    assert (row["device"], row["mask_rng"]) == ("cpu", "numpy-SFC64")  # how it was computed
     for key, value in row.items():
         assert value is None or type(value) in (str, float, int, bool), (key, type(value))
     json.dumps(row)  # storable anywhere

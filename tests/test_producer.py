@@ -129,7 +129,7 @@ def _write_rows(database_url: str, model_id: str, spectrum_ids: list[str]) -> No
             spectrum_id=s, path=f"/data/{s}.fits", model_id=model_id, pipeline_version="test",
             t_elapsed=0.1, k_mag=9.0, ebv=0.1, a_k_mag=0.035, L_fakemag=100.0, L_fakemag_err=5.0,
             dist=1000.0, dist_err=50.0, result_flags=0, flag_warn=False, flag_bad=False,
-            error=None, mc_passes=10, seed=0,
+            error=None, mc_passes=10, seed=0, device="cpu", mask_rng="numpy-SFC64",
         )
         for s in spectrum_ids
     ]

@@ -37,7 +37,8 @@ def row(spectrum_id: str, model_id: str = MODEL, **values) -> dict:
         spectrum_id=spectrum_id, path=f"/data/apstar/{spectrum_id}.fits", model_id=model_id,
         pipeline_version="0.1.0", t_elapsed=0.01, k_mag=9.5, ebv=0.05, a_k_mag=0.3517 * 0.05,
         L_fakemag=120.0, L_fakemag_err=6.0, dist=1500.0, dist_err=75.0, result_flags=0,
-        flag_warn=False, flag_bad=False, error=None, mc_passes=100, seed=0,
+        flag_warn=False, flag_bad=False, error=None, mc_passes=100, seed=0, device="cpu",
+        mask_rng="numpy-SFC64",
     )
     base.update(values)
     return base
@@ -72,7 +73,7 @@ def test_migrate_creates_the_table_and_is_idempotent(db_url: str):
         "id", "spectrum_id", "path", "model_id", "pipeline_version", "created", "t_elapsed",
         "k_mag", "ebv", "a_k_mag", "L_fakemag", "L_fakemag_err", "dist", "dist_err",
         "result_flags", "flag_warn", "flag_bad", "attempts", "error", "mc_passes", "seed",
-        "host", "task_id",
+        "host", "task_id", "device", "mask_rng",
     }
     unique = inspector.get_unique_constraints("astro_nn_dist")
     assert [set(u["column_names"]) for u in unique] == [{"spectrum_id", "model_id"}]
@@ -120,7 +121,7 @@ def test_concurrent_migrate_from_two_processes(db_url: str):
     assert [p.exitcode for p in procs] == [0, 0]
     engine = results.make_engine(db_url)
     with engine.connect() as conn:
-        assert conn.execute(sa.text(f"SELECT version_num FROM {results.VERSION_TABLE}")).scalars().all() == ["0001"]
+        assert conn.execute(sa.text(f"SELECT version_num FROM {results.VERSION_TABLE}")).scalars().all() == [results.head_revision()]
     assert results.upsert_results(engine, [row("a")]) == 1
     engine.dispose()
 
@@ -369,3 +370,32 @@ def test_concurrent_upserts_leave_one_row_per_key(engine: sa.Engine, db_url: str
     assert hosts["star-00000"] == "w0" and hosts["star-04499"] == "w1500"
     assert {hosts[f"star-{i:05d}"] for i in range(1500, 3000)} <= {"w0", "w1500"}
     assert {r["attempts"] for r in rows} == {5}
+
+
+def test_upgrade_from_0001_keeps_rows_and_adds_how_they_were_computed(db_url: str):
+    """A database made by the previous version (revision 0001, rows in it) upgrades in place:
+    the rows stay, device and mask_rng are NULL for them and filled for new ones."""
+    from alembic import command
+
+    engine = results.make_engine(db_url)
+    config = results.alembic_config()
+    with results.migration_transaction(engine) as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0001")
+    old = {k: v for k, v in row("old").items() if k not in ("device", "mask_rng")}
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO astro_nn_dist (" + ", ".join(f'"{k}"' for k in old) + ", created, attempts) VALUES ("
+            + ", ".join(f":{k}" for k in old) + ", :created, 1)"),
+            {**old, "created": datetime.now(timezone.utc)})
+    results.migrate(engine)
+    assert results.upsert_results(engine, [row("new")]) == 1
+    with engine.connect() as conn:
+        got = {r.spectrum_id: r for r in conn.execute(sa.select(results.astro_nn_dist))}
+        version = conn.execute(sa.text(f"SELECT version_num FROM {results.VERSION_TABLE}")).scalars().all()
+    assert version == [results.head_revision()] and results.head_revision() != "0001"
+    assert (got["old"].device, got["old"].mask_rng, got["old"].dist) == (None, None, 1500.0)
+    assert (got["new"].device, got["new"].mask_rng) == ("cpu", "numpy-SFC64")
+    by = results.computed_by(engine, MODEL)
+    assert {(b["device"], b["mask_rng"]): b["rows"] for b in by} == {(None, None): 1, ("cpu", "numpy-SFC64"): 1}
+    engine.dispose()

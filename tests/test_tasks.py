@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import ssl
-import uuid
 from pathlib import Path
 
 import pytest
@@ -296,14 +295,13 @@ def test_database_unavailable_is_told_from_other_errors(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def predictor(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
-    pytest.importorskip("torch")
+def predictor(tmp_path_factory: pytest.TempPathFactory):
     from _service import build_checkpoint
 
     from worker.inference import Predictor
     from worker.model import load_model
 
-    checkpoint = build_checkpoint(shared_data, tmp_path_factory.mktemp("model") / "random-dr17.pt")
+    checkpoint = build_checkpoint(tmp_path_factory.mktemp("model") / "random-dr17.pt")
     return Predictor(load_model(checkpoint), mc_passes=10, seed=0)
 
 
@@ -456,13 +454,13 @@ def test_a_single_spectrum_out_of_memory_is_raised_and_nothing_written(
 @pytest.mark.service
 @pytest.mark.timeout(180)
 def test_a_pickled_message_is_refused_and_the_worker_lives_on(
-    redis_url: str, sqlite_url: str, shared_data: Path, apstar_files: list[Path], tmp_path: Path
+    redis_url: str, sqlite_url: str, apstar_files: list[Path], tmp_path: Path
 ) -> None:
     from _service import (
         Worker, build_checkpoint, publish, queue_length, rows, spectra_farm, wait_for, worker_env,
     )
 
-    checkpoint = build_checkpoint(shared_data, tmp_path / "model.pt")
+    checkpoint = build_checkpoint(tmp_path / "model.pt")
     entries = spectra_farm(apstar_files, tmp_path / "spectra", 3)
     worker = Worker(worker_env(redis_url=redis_url, database_url=sqlite_url, model=checkpoint),
                     tmp_path / "worker.log", name="pickle")

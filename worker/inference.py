@@ -55,6 +55,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -203,6 +205,9 @@ def draw_random16(seed: int, n_passes: int, layout: MaskLayout,
     return tuple(r.view(torch.int16).view(n_passes, width) for r, width in zip(raw, layout.widths))
 
 
+MASK_RNG_CPU = "numpy-SFC64"
+MASK_RNG_CUDA = "torch-cuda-Philox4x32-10"
+
 CPU_GROUP_ROWS = 64
 """CPU: the fewest spectrum-passes one forward call carries when a spectrum alone has fewer."""
 
@@ -320,6 +325,17 @@ class Predictor:
         return mat.to(torch.float32), bias.repeat(BLOCK // lay.pool).to(torch.float32)
 
     # -- public --------------------------------------------------------------------------------
+
+    @property
+    def mask_rng(self) -> str:
+        """The random generator that draws this predictor's dropout masks (see draw_random16):
+        CPU and GPU draw different, equally valid masks, so rows record which."""
+        return MASK_RNG_CPU if self.device.type == "cpu" else MASK_RNG_CUDA
+
+    def provenance(self) -> dict[str, Any]:
+        """What every result row records of how it was computed."""
+        return {"model_id": self.model_id, "mc_passes": self.mc_passes, "seed": self.seed,
+                "device": self.device.type, "mask_rng": self.mask_rng}
 
     def predict(self, norm_flux: np.ndarray, spectrum_ids: Sequence[str]) -> Prediction:
         """fakemag and fakemag_err of each spectrum.

@@ -40,7 +40,7 @@ from __future__ import annotations
 import errno
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -122,6 +122,8 @@ class ResultRecord:
     error: str | None
     mc_passes: int
     seed: int
+    device: str  # "cpu" or "cuda": where the masks were drawn and the network ran
+    mask_rng: str  # the random generator behind the dropout masks
 
     def as_row(self) -> dict[str, Any]:
         """Plain Python values for the database: NaN/inf floats become None."""
@@ -254,12 +256,7 @@ def _finish(
 ) -> list[ResultRecord]:
     """Predict the good spectra of a prepared part; one record per request (t_elapsed NaN)."""
     loaded, good = prepared.loaded, prepared.good
-    common = {
-        "model_id": predictor.model_id,
-        "pipeline_version": PIPELINE_VERSION,
-        "mc_passes": int(predictor.mc_passes),
-        "seed": int(predictor.seed),
-    }
+    common = {"pipeline_version": PIPELINE_VERSION, **predictor.provenance()}
     records: list[ResultRecord | None] = [None] * len(requests)
 
     if good:
@@ -293,10 +290,7 @@ def _finish(
 
     for i, item in enumerate(loaded):
         if isinstance(item, SpectrumError):
-            records[i] = no_result_record(
-                requests[i], item.reason, model_id=predictor.model_id,
-                mc_passes=predictor.mc_passes, seed=predictor.seed,
-            )
+            records[i] = no_result_record(requests[i], item.reason, predictor.provenance())
 
     assert all(r is not None for r in records)  # every request is either good or a SpectrumError
     return records  # type: ignore[return-value]
@@ -308,16 +302,17 @@ def _as_sent(value: float | None) -> float:
 
 
 def no_result_record(
-    request: SpectrumRequest, reason: str, *, model_id: str, mc_passes: int, seed: int
+    request: SpectrumRequest, reason: str, provenance: Mapping[str, Any]
 ) -> ResultRecord:
     """The record of a spectrum that gets no distance: flag_no_result, the reason, NaN numbers,
-    and the photometry the request carried (as given, before any header substitution)."""
+    and the photometry the request carried (as given, before any header substitution).
+
+    provenance: model_id, mc_passes, seed, device, mask_rng (``Predictor.provenance()``)."""
     warn, bad = flags_summary(FLAG_NO_RESULT)
     nan = math.nan
     return ResultRecord(
         spectrum_id=request.spectrum_id,
         path=request.path,
-        model_id=model_id,
         pipeline_version=PIPELINE_VERSION,
         t_elapsed=nan,
         k_mag=_as_sent(request.k_mag),
@@ -331,6 +326,5 @@ def no_result_record(
         flag_warn=bool(warn),
         flag_bad=bool(bad),
         error=reason,
-        mc_passes=int(mc_passes),
-        seed=int(seed),
+        **provenance,
     )

@@ -150,6 +150,9 @@ class AstroNNDist(Base):
     error: Mapped[str | None] = mapped_column(sa.Text)
     mc_passes: Mapped[int | None] = mapped_column(sa.Integer)
     seed: Mapped[int | None] = mapped_column(sa.BigInteger)
+    # How the masks were drawn (revision 0002): CPU and GPU draw different, equally valid masks.
+    device: Mapped[str | None] = mapped_column(sa.String(16))
+    mask_rng: Mapped[str | None] = mapped_column(sa.String(64))
     host: Mapped[str | None] = mapped_column(sa.String(255))
     task_id: Mapped[str | None] = mapped_column(sa.String(255))
 
@@ -570,6 +573,19 @@ def summary(engine: Engine | Connection, model_id: str | None = None) -> list[di
             total[key] = max(values, default=None) if key in ("max_attempts", "last_created") else sum(values)
         lines.append(total)
     return lines
+
+
+def computed_by(engine: Engine | Connection, model_id: str | None = None) -> list[dict[str, Any]]:
+    """Rows by how they were computed: ``{"model_id", "device", "mask_rng", "rows"}`` per
+    combination (None: a row written before revision 0002), for ``status``."""
+    t = astro_nn_dist
+    query = (sa.select(t.c.model_id, t.c.device, t.c.mask_rng, sa.func.count().label("rows"))
+             .group_by(t.c.model_id, t.c.device, t.c.mask_rng)
+             .order_by(t.c.model_id, t.c.device, t.c.mask_rng))
+    if model_id is not None:
+        query = query.where(t.c.model_id == model_id)
+    with _reading(engine) as conn:
+        return [dict(r._mapping) for r in conn.execute(query)]
 
 
 def _summary_line(mapping: Mapping[str, Any]) -> dict[str, Any]:

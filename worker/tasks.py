@@ -154,10 +154,7 @@ def _invalid_records(
     invalid: Iterable[InvalidSpectrum], predictor: Predictor
 ) -> list[ResultRecord]:
     return [
-        no_result_record(
-            item.as_request(), item.reason,
-            model_id=predictor.model_id, mc_passes=predictor.mc_passes, seed=predictor.seed,
-        )
+        no_result_record(item.as_request(), item.reason, predictor.provenance())
         for item in invalid
         if item.spectrum_id is not None
     ]
@@ -239,10 +236,7 @@ def write_no_results(
     """No-result rows for ``(request, reason)`` items, in one transaction (each keeps the
     photometry its request carried); returns how many."""
     records = [
-        no_result_record(
-            request, reason,
-            model_id=predictor.model_id, mc_passes=predictor.mc_passes, seed=predictor.seed,
-        )
+        no_result_record(request, reason, predictor.provenance())
         for request, reason in items
     ]
     _write(engine, records, task_id=task_id, attempts=attempts, host=host)
