@@ -1,6 +1,6 @@
 """``astronn-dist``: the command line.
 
-    astronn-dist run ../shared/data/apstar          the whole job here, no server (SQLite file)
+    astronn-dist run samples/apstar                 the whole job here, no server (SQLite file)
     astronn-dist produce --catalog stars.csv        enqueue for the workers (skips what is done)
     astronn-dist worker --device auto               serve the queue
     astronn-dist watch /data/apogee                 enqueue new files as they land
@@ -12,7 +12,13 @@ Importing this module never imports torch: the commands that run the network (``
 ``worker``, ``train``, ``import-model``) import it inside their function.
 
 A user error (a missing file, a bad URL, a service that cannot be reached) prints one line and
-exits with status 2; a traceback means a bug.
+exits with status 2; a traceback means a bug. ``run`` exits with 1 when none of the spectra it
+processed got a result (see its ``--help``).
+
+Help texts are rendered with rich markup: a ``[word]`` in a help text is a style tag and
+disappears, so they put environment variables in parentheses; the lines of a docstring after
+its first paragraph are printed as written (the examples), the first paragraph is the summary
+in the command list and stays on one line.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -52,7 +59,17 @@ from producer.enqueue import (
     redis_client,
     split_done,
 )
-from worker.config import QUEUE, Settings
+from worker.config import (
+    DEFAULT_BROKER_URL,
+    DEFAULT_DATABASE_URL,
+    DEFAULT_MC_PASSES,
+    DEFAULT_METRICS_ADDR,
+    DEFAULT_METRICS_PORT,
+    DEFAULT_SEED,
+    QUEUE,
+    Settings,
+)
+from worker.serve import MAX_CPU_PROCESSES
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -64,11 +81,38 @@ err_console = Console(stderr=True, highlight=False)
 
 app = typer.Typer(
     name="astronn-dist",
-    help="Spectrophotometric distances from APOGEE apStar spectra (astroNN BCNN), as a service.",
+    help="""Spectrophotometric distances from APOGEE apStar spectra (astroNN BCNN), as a service.
+
+    Start here, with no server: astronn-dist run samples/apstar
+    Every command has an example: astronn-dist COMMAND --help""",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,  # locals hold URLs with passwords
 )
+
+
+def _flags_take_no_value() -> None:
+    """Show flags as flags in the help: ``--force``, not ``--force <bool>``.
+
+    typer 0.29's rich help prints every option's value type, flags and ``--help`` included,
+    because its options panel (``typer.rich_utils._print_options_panel``) asks each option for
+    ``display_type_rich`` without looking at ``is_flag``; its plain help, like click's, leaves
+    flags out. A flag takes no value, so it has no type to show. (test_cli reads the help.)
+    """
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "flags_take_no_value", False):  # another typer; or done
+        return
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag or self.count else shown(self, ctx)
+
+    display_type_rich.flags_take_no_value = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_take_no_value()
 
 FLAG_CODES = {  # result_flags bit -> (letter in the table, meaning)
     1: ("U", "fakemag unreliable"),
@@ -77,6 +121,7 @@ FLAG_CODES = {  # result_flags bit -> (letter in the table, meaning)
     2048: ("X", "no result"),
 }
 TABLE_ROWS = 50  # rows shown by `run`; the database has them all
+EXIT_NO_RESULT = 1  # `run`: spectra were processed, none got a result (2 is for user errors)
 
 
 class UserError(Exception):
@@ -95,7 +140,10 @@ def _settings(**overrides: Any) -> Settings:
     given = {k: v for k, v in overrides.items() if v is not None}
     if "model_path" in given:
         given["model_path"] = Path(given["model_path"])
-    return dataclasses.replace(settings, **given)
+    try:
+        return dataclasses.replace(settings, **given)  # Settings checks the flags' values too
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
 
 
 def _model_id(settings: Settings) -> str:
@@ -181,7 +229,7 @@ def _results_table(rows: Sequence[dict[str, Any]], limit: int = TABLE_ROWS) -> T
         "dist, err [pc]; Ks, E(B-V) [mag] as used; flags: "
         + ", ".join(f"{c} {meaning}" for c, meaning in FLAG_CODES.values())
     )
-    table = Table(title=title, caption=legend)
+    table = Table(title=title, caption=escape(legend))  # rich markup would eat "[pc]"
     table.add_column("spectrum_id", overflow="fold")  # the one column that may wrap
     for header in ("dist", "err", "Ks", "E(B-V)", "flags"):
         table.add_column(header, justify="right" if header != "flags" else "left", no_wrap=True)
@@ -190,43 +238,92 @@ def _results_table(rows: Sequence[dict[str, Any]], limit: int = TABLE_ROWS) -> T
         table.add_column("error", overflow="fold")
     for row in shown:
         cells = [
-            row["spectrum_id"],
+            escape(row["spectrum_id"]),  # ids and errors are data: no markup in them
             _fmt(row["dist"], ".0f"),
             _fmt(row["dist_err"], ".0f"),
             _fmt(row["k_mag"], ".3f"),
             _fmt(row["ebv"], ".3f"),
             _flag_text(row["result_flags"]),
         ]
-        table.add_row(*cells, *([row.get("error") or ""] if errors else []))
+        table.add_row(*cells, *([escape(row.get("error") or "")] if errors else []))
     return table
 
 
+def _outcome(row: dict[str, Any]) -> str:
+    if (row["result_flags"] or 0) & 2048:
+        return "no result"
+    return "bad" if row["flag_bad"] else "warn" if row["flag_warn"] else "good"
+
+
 def _outcomes(rows: Sequence[dict[str, Any]]) -> str:
-    count = Counter(
-        "no result" if (r["result_flags"] or 0) & 2048
-        else "bad" if r["flag_bad"]
-        else "warn" if r["flag_warn"]
-        else "good"
-        for r in rows
-    )
+    """Counts by outcome, e.g. ``2 good, 1 no result``."""
+    count = Counter(_outcome(r) for r in rows)
     return ", ".join(f"{count[k]} {k}" for k in ("good", "warn", "bad", "no result") if count[k])
 
 
 # ------------------------------------------------------------------------------------ commands
 
+# The options that set a Settings field get a panel of their own in --help: a table of their
+# own columns, so that the long names (ASTRONN_DIST_DATABASE_URL) are not cut short by the
+# width a command's other options take.
+SETTINGS_PANEL = "Settings (a flag overrides its ASTRONN_DIST_* variable)"
+
 PathsArg = Annotated[
     Optional[list[str]],
-    typer.Argument(help="apStar files, folders (searched recursively) or glob patterns."),
+    typer.Argument(help="apStar files, folders (searched recursively) or glob patterns (quoted)."),
 ]
 CatalogOpt = Annotated[
     Optional[Path],
-    typer.Option("--catalog", "-c", help="CSV/FITS/Parquet catalog: path[, spectrum_id, k_mag, ebv]."),
+    typer.Option(
+        "--catalog", "-c",
+        help="CSV, FITS or Parquet catalog: a path column; optional spectrum_id, k_mag, ebv.",
+    ),
 ]
-DbOpt = Annotated[Optional[str], typer.Option("--db", help="Results database URL [ASTRONN_DIST_DATABASE_URL].")]
-BrokerOpt = Annotated[Optional[str], typer.Option("--broker", help="Redis URL [ASTRONN_DIST_BROKER_URL].")]
-ModelOpt = Annotated[Optional[Path], typer.Option("--model", help="Checkpoint .pt [ASTRONN_DIST_MODEL].")]
+DbOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--db", rich_help_panel=SETTINGS_PANEL,
+        help=f"Results database URL (env ASTRONN_DIST_DATABASE_URL; default: the SQLite file "
+        f"{DEFAULT_DATABASE_URL.removeprefix('sqlite:///')}).",
+    ),
+]
+BrokerOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--broker", rich_help_panel=SETTINGS_PANEL,
+        help=f"Redis broker URL (env ASTRONN_DIST_BROKER_URL; default {DEFAULT_BROKER_URL}).",
+    ),
+]
+ModelOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--model", rich_help_panel=SETTINGS_PANEL,
+        help="Model checkpoint .pt (env ASTRONN_DIST_MODEL; default: the bundled model).",
+    ),
+]
+DeviceOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--device", rich_help_panel=SETTINGS_PANEL,
+        help="auto (CUDA when visible), cpu, cuda, cuda:N (env ASTRONN_DIST_DEVICE; default auto).",
+    ),
+]
+McPassesOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--mc-passes", min=2, rich_help_panel=SETTINGS_PANEL,
+        help=f"MC-dropout passes per spectrum (env ASTRONN_DIST_MC_PASSES; default {DEFAULT_MC_PASSES}).",
+    ),
+]
+SeedOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--seed", min=0, rich_help_panel=SETTINGS_PANEL,
+        help=f"Dropout seed: the same seed, the same results (env ASTRONN_DIST_SEED; default {DEFAULT_SEED}).",
+    ),
+]
 ChunkOpt = Annotated[
-    int, typer.Option("--chunk-size", min=1, max=1000, help="Spectra per message / batch.")
+    int, typer.Option("--chunk-size", min=1, max=1000, help="Spectra per message (workers) or batch (run).")
 ]
 
 
@@ -236,14 +333,34 @@ def run(
     catalog: CatalogOpt = None,
     db: DbOpt = None,
     model: ModelOpt = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N [ASTRONN_DIST_DEVICE].")] = None,
-    mc_passes: Annotated[Optional[int], typer.Option(min=2, help="MC-dropout passes [ASTRONN_DIST_MC_PASSES].")] = None,
-    seed: Annotated[Optional[int], typer.Option(min=0, help="Global dropout seed [ASTRONN_DIST_SEED].")] = None,
+    device: DeviceOpt = None,
+    mc_passes: McPassesOpt = None,
+    seed: SeedOpt = None,
     chunk_size: ChunkOpt = DEFAULT_CHUNK_SIZE,
-    force: Annotated[bool, typer.Option("--force", help="Process spectra that already have a row.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Process again the spectra that already have a row.")
+    ] = False,
 ) -> None:
-    """Process spectra here and now, with no server: results go to the database (a SQLite file
-    by default) and a table of them is printed."""
+    """Process spectra here and now, with no server (results in a SQLite file by default).
+
+    The rows go to the results database, one per spectrum and model, and a table
+    of them is printed. Spectra that already have a row for the model are
+    skipped; --force processes them again.
+
+    Example:
+      astronn-dist run samples/apstar
+      astronn-dist run --catalog stars.csv --db sqlite:///mine.sqlite
+
+    Exit status:
+      0  every spectrum processed in this run got a row, and at least one of
+         them a result (rows flagged bad, or without a result because the file
+         could not be read, are normal); or there was nothing left to do, as
+         every spectrum found was already done
+      1  spectra were processed but none got a result (e.g. none of the files
+         could be read as an apStar spectrum: the error column says why)
+      2  a usage or configuration error (no spectra found, a missing file or
+         model, a bad URL...), in one line on stderr
+    """
     settings = _settings(
         database_url=db, model_path=model, device=device, mc_passes=mc_passes, seed=seed
     )
@@ -260,12 +377,49 @@ def run(
         _process_here(todo, settings, engine, chunk_size)
     seconds = time.perf_counter() - t0
     rows = _rows_for(engine, model_id, [r.spectrum_id for r in requests])
-    console.print(_results_table(rows))
-    console.print(
-        f"{len(todo)} spectra processed in {seconds:.1f} s; {_outcomes(rows)}; "
-        f"results in {mask_url(settings.database_url)} (table astro_nn_dist, model {model_id})"
-    )
     engine.dispose()
+    console.print(_results_table(rows))
+    todo_ids = {r.spectrum_id for r in todo}
+    this_run = [r for r in rows if r["spectrum_id"] in todo_ids]
+    before = [r for r in rows if r["spectrum_id"] not in todo_ids]
+    console.print(_run_summary(len(todo_ids), this_run, before, seconds), soft_wrap=True)
+    console.print(
+        f"results in {mask_url(settings.database_url)} (table astro_nn_dist, model {model_id})",
+        soft_wrap=True,
+    )
+    problem = _run_problem(len(todo_ids), this_run)
+    if problem:
+        err_console.print(f"[bold red]error:[/] {escape(problem)}", soft_wrap=True)
+        raise typer.Exit(EXIT_NO_RESULT)
+
+
+def _run_summary(
+    n_todo: int, this_run: Sequence[dict[str, Any]], before: Sequence[dict[str, Any]], seconds: float
+) -> str:
+    """What this run did, then what was done before it: a second run over the same spectra
+    processes nothing, and must not read as if it had."""
+    if n_todo:
+        text = f"{n_todo} spectra processed in this run in {seconds:.1f} s ({_outcomes(this_run) or 'no row'})"
+    else:
+        text = "0 spectra processed in this run: nothing to do"
+    if before:
+        text += f"; {len(before)} already done, skipped ({_outcomes(before)}; --force to redo them)"
+    return text
+
+
+def _run_problem(n_todo: int, this_run: Sequence[dict[str, Any]]) -> str | None:
+    """Why ``run`` fails (exit 1), or None. Flagged rows are normal outcomes; nothing to do is
+    not an error; spectra processed without a single result are (see ``run --help``)."""
+    if not n_todo:
+        return None
+    if len(this_run) < n_todo:  # the task body writes a row for every spectrum: a bug
+        return f"{n_todo - len(this_run)} of the {n_todo} spectra processed got no row (please report this)"
+    if all(_outcome(r) == "no result" for r in this_run):
+        return (
+            f"none of the {n_todo} spectra processed got a result: the error column says why "
+            "(e.g. files that are not apStar spectra)"
+        )
+    return None
 
 
 def _process_here(
@@ -296,18 +450,27 @@ def _process_here(
             )
             progress.advance(task, len(chunk))
 
-
 @app.command()
 def produce(
     paths: PathsArg = None,
     catalog: CatalogOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Enqueue spectra that already have a row.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Enqueue also the spectra that already have a row.")
+    ] = False,
     chunk_size: ChunkOpt = DEFAULT_CHUNK_SIZE,
     broker: BrokerOpt = None,
     db: DbOpt = None,
     model: ModelOpt = None,
 ) -> None:
-    """Enqueue spectra for the workers, skipping those already done for the model."""
+    """Enqueue spectra for the workers, skipping those already done for the model.
+
+    What is done is known from the model id: give --model the checkpoint that
+    the workers load (both default to the bundled model).
+
+    Example:
+      astronn-dist produce --catalog stars.csv --broker redis://host:6379/0
+      astronn-dist produce /data/apogee/apstar --chunk-size 256
+    """
     settings = _settings(broker_url=broker, database_url=db, model_path=model)
     t0 = time.perf_counter()
     requests = _gather(paths, catalog)
@@ -324,11 +487,16 @@ def produce(
             on_progress=lambda n: progress.advance(task, n),
         )
         progress.update(task, completed=len(requests))
+    rate = f" ({report.rate:,.0f} spectra/s)" if report.enqueued else ""
+    skipped = (
+        f"; skipped {report.skipped} already done for model {report.model_id} (--force to send them too)"
+        if report.skipped else ""
+    )
     console.print(
-        f"found {report.found} spectra ({t_read:.2f} s to read), skipped {report.skipped} "
-        f"already done for model {report.model_id}, enqueued {report.enqueued} spectra in "
-        f"{report.messages} messages to queue {QUEUE} on {mask_url(settings.broker_url)} "
-        f"in {report.seconds:.2f} s ({report.rate:,.0f} spectra/s)"
+        f"found {report.found} spectra ({t_read:.2f} s to read); enqueued {report.enqueued} spectra "
+        f"in {report.messages} messages to queue {QUEUE} on {mask_url(settings.broker_url)} "
+        f"in {report.seconds:.2f} s{rate}{skipped}",
+        soft_wrap=True,
     )
 
 
@@ -341,50 +509,90 @@ def reconcile(
     db: DbOpt = None,
     model: ModelOpt = None,
 ) -> None:
-    """Enqueue what has neither a row nor a message on the queue: the database is the source of
-    truth, e.g. after Redis lost its queue."""
+    """Enqueue what has neither a row nor a message on the queue, e.g. after Redis lost it.
+
+    The database is the source of truth: a spectrum with a row for the model
+    is done, one with a message waiting on the queue is pending, any other is
+    sent again.
+
+    Example:
+      astronn-dist reconcile --catalog stars.csv --broker redis://host:6379/0
+    """
     settings = _settings(broker_url=broker, database_url=db, model_path=model)
     requests = _gather(paths, catalog)
     _model_id(settings)
     report = enqueue(
         requests, settings, chunk_size=chunk_size, source="reconcile", skip_queued=True
     )
+    lost = f"enqueued {report.enqueued} in {report.messages} messages" if report.enqueued else (
+        "enqueued 0: nothing was lost"
+    )
     console.print(
         f"found {report.found} spectra: {report.skipped} have a row for model {report.model_id}, "
-        f"{report.queued} are on the queue; enqueued {report.enqueued} in {report.messages} messages"
+        f"{report.queued} are on the queue; {lost}",
+        soft_wrap=True,
     )
 
 
 @app.command()
 def worker(
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N [ASTRONN_DIST_DEVICE].")] = None,
+    device: DeviceOpt = None,
     concurrency: Annotated[
-        Optional[int], typer.Option(min=1, help="Pool processes [default: one per GPU, else one per core, at most 8].")
+        Optional[int],
+        typer.Option(
+            min=1,
+            help=f"Pool processes (default: one per GPU, else one per core, at most {MAX_CPU_PROCESSES}).",
+        ),
     ] = None,
     model: ModelOpt = None,
-    mc_passes: Annotated[Optional[int], typer.Option(min=2, help="MC-dropout passes [ASTRONN_DIST_MC_PASSES].")] = None,
-    seed: Annotated[Optional[int], typer.Option(min=0, help="Global dropout seed [ASTRONN_DIST_SEED].")] = None,
+    mc_passes: McPassesOpt = None,
+    seed: SeedOpt = None,
     broker: BrokerOpt = None,
     db: DbOpt = None,
     metrics_port: Annotated[
-        Optional[int], typer.Option(min=0, help="Prometheus /metrics port, 0 = off [ASTRONN_DIST_METRICS_PORT].")
+        Optional[int],
+        typer.Option(
+            min=0, rich_help_panel=SETTINGS_PANEL,
+            help=f"Prometheus /metrics port, 0: off (env ASTRONN_DIST_METRICS_PORT; default {DEFAULT_METRICS_PORT}).",
+        ),
+    ] = None,
+    metrics_addr: Annotated[
+        Optional[str],
+        typer.Option(
+            rich_help_panel=SETTINGS_PANEL,
+            help="IP address of the /metrics server: 0.0.0.0 lets a Prometheus on another host "
+            "scrape, 127.0.0.1 keeps it on this host "
+            f"(env ASTRONN_DIST_METRICS_ADDR; default {DEFAULT_METRICS_ADDR}).",
+        ),
     ] = None,
     hostname: Annotated[
-        Optional[str], typer.Option(help="Celery node name, e.g. astronn-dist@%h [astronn-dist-<pid>@%h].")
+        Optional[str],
+        typer.Option(help="Celery node name, %h: this host's name (default astronn-dist-<pid>@%h)."),
     ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log at DEBUG, Alembic's migration steps included.")
+    ] = False,
 ) -> None:
-    """Serve the queue: load the model once per process and write results to the database.
-    SIGTERM: finish the running chunks, then stop."""
+    """Serve the queue: load the model once per process, write results to the database.
+
+    SIGTERM: finish the running chunks, then stop (a second SIGTERM: stop at
+    once; their messages go back to the queue).
+
+    Example:
+      astronn-dist worker --device auto --db postgresql+psycopg://user@host/db
+      astronn-dist worker --device cpu --concurrency 2 --metrics-addr 127.0.0.1
+    """
     settings = _settings(
         broker_url=broker, database_url=db, model_path=model, device=device,
-        mc_passes=mc_passes, seed=seed, metrics_port=metrics_port,
+        mc_passes=mc_passes, seed=seed, metrics_port=metrics_port, metrics_addr=metrics_addr,
     )
     _model_id(settings)  # fail early, before any process starts
     from worker.serve import run_worker
 
     try:
         run_worker(settings, device=settings.device, concurrency=concurrency,
-                   model=settings.model_path, hostname=hostname)
+                   model=settings.model_path, hostname=hostname,
+                   loglevel="DEBUG" if verbose else "INFO")
     except ValueError as exc:  # the device/concurrency plan: e.g. --device cuda without a GPU
         raise UserError(str(exc)) from exc
 
@@ -394,10 +602,18 @@ def watch(
     dirs: Annotated[Optional[list[Path]], typer.Argument(help="Folders to watch (recursively).")] = None,
     catalog: CatalogOpt = None,
     chunk_size: ChunkOpt = DEFAULT_CHUNK_SIZE,
-    poll_interval: Annotated[float, typer.Option(min=0.05, help="Seconds between two listings.")] = 1.0,
-    min_age: Annotated[float, typer.Option(min=0.0, help="Seconds a file must be unchanged.")] = 2.0,
-    flush_delay: Annotated[float, typer.Option(min=0.0, help="Longest wait of a partial chunk [s].")] = 2.0,
-    force: Annotated[bool, typer.Option("--force", help="Ignore the results table.")] = False,
+    poll_interval: Annotated[
+        float, typer.Option(min=0.05, help="Seconds between two listings of the folders.")
+    ] = 1.0,
+    min_age: Annotated[
+        float, typer.Option(min=0.0, help="Seconds a file must stay unchanged (not being copied).")
+    ] = 2.0,
+    flush_delay: Annotated[
+        float, typer.Option(min=0.0, help="Longest wait in seconds before a partial chunk is sent.")
+    ] = 2.0,
+    force: Annotated[
+        bool, typer.Option("--force", help="Send files that have a row too (ignore the results table).")
+    ] = False,
     reconcile_interval: Annotated[
         float, typer.Option(min=0.0, help="Seconds between checks for lost messages (0: never).")
     ] = 600.0,
@@ -405,9 +621,15 @@ def watch(
     db: DbOpt = None,
     model: ModelOpt = None,
 ) -> None:
-    """Enqueue each new (or rewritten) apStar file once, as it appears, and every
-    --reconcile-interval again what has neither a row nor a message; SIGTERM/Ctrl-C stop
-    cleanly after sending what is pending."""
+    """Enqueue each new (or rewritten) apStar file once, as it appears in the folders.
+
+    Every --reconcile-interval seconds it also enqueues again what has neither
+    a row nor a message. SIGTERM or Ctrl-C: stop cleanly after sending what is
+    pending.
+
+    Example:
+      astronn-dist watch /data/apogee --min-age 5 --broker redis://host:6379/0
+    """
     from producer.enqueue import Publisher
     from producer.watch import Watcher, WatchOptions, WatchState
 
@@ -447,18 +669,29 @@ def watch(
     client.close()
     engine.dispose()
 
-
 @app.command()
 def requeue(
-    failed: Annotated[bool, typer.Option("--failed", help="Spectra without a result (error set).")] = False,
+    failed: Annotated[
+        bool, typer.Option("--failed", help="Spectra without a result (their row has an error).")
+    ] = False,
     bad: Annotated[bool, typer.Option("--bad", help="Spectra flagged bad.")] = False,
-    spectrum: Annotated[Optional[list[str]], typer.Option("--spectrum", help="This spectrum_id (repeatable).")] = None,
+    spectrum: Annotated[
+        Optional[list[str]], typer.Option("--spectrum", help="This spectrum_id (repeatable).")
+    ] = None,
     chunk_size: ChunkOpt = DEFAULT_CHUNK_SIZE,
     broker: BrokerOpt = None,
     db: DbOpt = None,
     model: ModelOpt = None,
 ) -> None:
-    """Enqueue again spectra from the results table (e.g. after repairing files)."""
+    """Enqueue again spectra from the results table, e.g. after repairing their files.
+
+    The rows of the model (--model) that match any of --failed, --bad and
+    --spectrum are sent to the workers, which rewrite them.
+
+    Example:
+      astronn-dist requeue --failed
+      astronn-dist requeue --bad --spectrum apStar-dr17-2M17335483-2753043.fits
+    """
     if not (failed or bad or spectrum):
         raise UserError("choose what to requeue: --failed, --bad and/or --spectrum ID")
     settings = _settings(broker_url=broker, database_url=db, model_path=model)
@@ -466,6 +699,11 @@ def requeue(
     from worker.results import select_for_requeue
 
     engine = _engine(settings.database_url)
+    if not _has_table(engine):
+        raise UserError(
+            f"no results table in {mask_url(settings.database_url)} (nothing to requeue; "
+            "is --db the database the workers write to?)"
+        )
     requests = select_for_requeue(
         engine, model_id, failed=failed, bad=bad, spectrum_ids=list(spectrum or [])
     )
@@ -473,21 +711,31 @@ def requeue(
     if spectrum:
         missing = set(spectrum) - {r.spectrum_id for r in requests}
         if missing:
-            console.print(f"note: no row for model {model_id}: {', '.join(sorted(missing))}")
+            console.print(f"note: no row for model {model_id}: {escape(', '.join(sorted(missing)))}")
     report = enqueue(requests, settings, chunk_size=chunk_size, force=True, source="requeue")
     console.print(
         f"requeued {report.enqueued} spectra in {report.messages} messages "
         f"(model {model_id}, queue {QUEUE})"
+        + ("" if report.enqueued else ": no row of this model matches"),
+        soft_wrap=True,
     )
 
 
 @app.command()
 def status(
-    model_id: Annotated[Optional[str], typer.Option("--model-id", help="Only this model's rows.")] = None,
+    model_id: Annotated[
+        Optional[str], typer.Option("--model-id", help="Only this model's rows (default: every model).")
+    ] = None,
     broker: BrokerOpt = None,
     db: DbOpt = None,
 ) -> None:
-    """Queue length (Redis) and results by outcome (database). Exit 2 if either is unreachable."""
+    """Queue length (Redis) and results by outcome (database).
+
+    Exit status 2 if the broker or the database cannot be reached.
+
+    Example:
+      astronn-dist status --broker redis://host:6379/0 --db sqlite:///mine.db
+    """
     import redis
 
     from worker.results import summary
@@ -531,14 +779,22 @@ def _summary_table(lines: Sequence[dict[str, Any]]) -> Table:
         table.add_row(key, *cells)
     return table
 
-
 @app.command()
 def export(
     out: Annotated[Path, typer.Argument(help="Output file: .csv, .fits or .parquet.")],
-    model_id: Annotated[Optional[str], typer.Option("--model-id", help="Only this model's rows.")] = None,
+    model_id: Annotated[
+        Optional[str], typer.Option("--model-id", help="Only this model's rows (default: every model).")
+    ] = None,
     db: DbOpt = None,
 ) -> None:
-    """Write the results table to a file."""
+    """Write the results table to a CSV, FITS or Parquet file.
+
+    The format follows the file's suffix; one row per spectrum and model.
+
+    Example:
+      astronn-dist export results.fits
+      astronn-dist export demo.parquet --model-id astronn-dist-demo-3555bb278142
+    """
     suffix = "".join(out.suffixes[-1:]).lower()
     if suffix not in (".csv", ".fits", ".parquet"):
         raise UserError(f"{out}: unknown format '{suffix}'; use .csv, .fits or .parquet")
@@ -588,24 +844,49 @@ def _write_rows(rows: Sequence[dict[str, Any]], out: Path) -> None:
         columns.append(MaskedColumn(data, name=name, mask=mask))
     AstropyTable(columns).write(out, overwrite=True)
 
-
 @app.command()
 def migrate(db: DbOpt = None) -> None:
-    """Create or upgrade the results table (Alembic migrations)."""
+    """Create or upgrade the results table (Alembic migrations), and say which it did.
+
+    Workers and run do it on their own; this creates the table ahead of them,
+    or checks its revision.
+
+    Example:
+      astronn-dist migrate --db postgresql+psycopg://user@host/db
+    """
     settings = _settings(database_url=db)
     from worker.results import migrate as do_migrate
 
-    do_migrate(settings.database_url)
-    console.print(f"results table up to date in {mask_url(settings.database_url)}")
+    engine = _engine(settings.database_url)
+    try:
+        before, after = do_migrate(engine)
+    finally:
+        engine.dispose()
+    where = mask_url(settings.database_url)
+    if before == after:
+        done = f"results table already at revision {after} (the newest) in {where}: nothing to do"
+    elif before is None:
+        done = f"created the results table astro_nn_dist at revision {after} in {where}"
+    else:
+        done = f"upgraded the results table from revision {before or 'none'} to {after} in {where}"
+    console.print(done, soft_wrap=True)
 
 
 @app.command()
 def synth(
-    out_dir: Annotated[Path, typer.Argument(help="Folder for apstar/ and catalog.csv.")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder for apstar/ and catalog.csv (created).")],
     n: Annotated[int, typer.Option("--n", min=1, help="Number of stars.")] = 100,
-    seed: Annotated[int, typer.Option(min=0, help="Survey seed.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Survey seed: the same seed, the same stars.")] = 0,
 ) -> None:
-    """Write a synthetic survey (apStar files with known truth, and its catalog)."""
+    """Write a synthetic survey: apStar files with known truth, and their catalog.
+
+    The catalog holds the truth (fakemag, dist...) that train and tests check
+    against; star i is the same whatever --n.
+
+    Example:
+      astronn-dist synth survey --n 1000 --seed 1
+      astronn-dist run survey/apstar
+    """
     from worker.synth import write_survey
 
     catalog = write_survey(out_dir, n, seed)
@@ -614,19 +895,48 @@ def synth(
 
 @app.command()
 def train(
-    catalog: Annotated[Path, typer.Argument(help="Catalog with path and fakemag[, fakemag_err].")],
-    out: Annotated[Path, typer.Option("--out", help="Checkpoint to write (.pt).")],
-    epochs: Annotated[int, typer.Option(min=1)] = 30,
-    batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
-    val_fraction: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.1,
-    patience: Annotated[int, typer.Option(min=1)] = 5,
-    seed: Annotated[int, typer.Option(min=0)] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    catalog: Annotated[
+        Path,
+        typer.Argument(
+            help="CSV, FITS or Parquet catalog: path (relative to its folder), fakemag, "
+            "optional fakemag_err."
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Checkpoint to write (.pt); its history CSV goes beside it.")
+    ],
+    epochs: Annotated[
+        int, typer.Option(min=1, help="Most epochs to train (early stopping may end sooner).")
+    ] = 30,
+    batch_size: Annotated[int, typer.Option(min=1, help="Spectra per minibatch.")] = 64,
+    lr: Annotated[float, typer.Option(min=0.0, help="Adam's initial learning rate.")] = 1e-3,
+    val_fraction: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Share of the stars held out for validation (0 < x < 1)."),
+    ] = 0.1,
+    patience: Annotated[
+        int,
+        typer.Option(min=1, help="Epochs without a better validation loss before stopping (the best is kept)."),
+    ] = 5,
+    seed: Annotated[
+        int, typer.Option(min=0, help="Seeds split, shuffling, weights, dropout: same seed, same model.")
+    ] = 0,
+    device: Annotated[str, typer.Option(help="auto (CUDA when visible), cpu, cuda, cuda:N.")] = "auto",
 ) -> None:
-    """Train an ApogeeDistBCNN on a catalog of spectra with known fakemag."""
+    """Train an ApogeeDistBCNN on a catalog of spectra with known fakemag.
+
+    Writes the checkpoint and, beside it, its history per epoch
+    (OUT-stem.history.csv).
+
+    Example:
+      astronn-dist synth survey --n 2000
+      astronn-dist train survey/catalog.csv --out mine.pt --epochs 50
+      astronn-dist run survey/apstar --model mine.pt
+    """
     if not catalog.is_file():
         raise UserError(f"{catalog}: catalog not found")
+    if not 0.0 < val_fraction < 1.0:  # the range check of the option includes 0 and 1
+        raise UserError(f"--val-fraction {val_fraction}: must be between 0 and 1, both excluded")
     from worker.training import train as do_train
 
     report = do_train(
@@ -641,10 +951,21 @@ def train(
 
 @app.command("import-model")
 def import_model(
-    folder: Annotated[Path, typer.Argument(help="astroNN model folder (astroNN_0617_run001...).")],
+    folder: Annotated[
+        Path,
+        typer.Argument(help="astroNN model folder, with astroNN_model_parameter.json and model_weights.h5."),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Checkpoint to write (.pt).")],
 ) -> None:
-    """Convert astroNN's published Keras model folder into a PyTorch checkpoint."""
+    """Convert astroNN's published Keras model folder into a PyTorch checkpoint.
+
+    The model id of the results is the checkpoint's name and hash, as for any
+    checkpoint given to --model.
+
+    Example:
+      astronn-dist import-model astroNN_0617_run001 --out astronn-0617.pt
+      astronn-dist run samples/apstar --model astronn-0617.pt
+    """
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder (give the astroNN model folder)")
     from worker.import_astronn import import_model as do_import
@@ -702,7 +1023,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         message = _user_message(exc)
         if message is None:
             raise
-        err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # no markup: data
         sys.exit(2)
 
 

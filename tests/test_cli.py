@@ -46,7 +46,7 @@ def _isolated(monkeypatch, tmp_path: Path):
 @pytest.fixture(scope="module")
 def random_model(tmp_path_factory) -> Path:
     """A small checkpoint with random weights (the real network's shapes; seeded)."""
-    torch = pytest.importorskip("torch")
+    import torch
     from worker.model import ApogeeDistBCNN, save_checkpoint
 
     torch.manual_seed(0)
@@ -61,7 +61,7 @@ def _rows(database_url: str) -> list[dict]:
     return rows
 
 
-def test_run_on_the_real_files(capsys, shared_data: Path, apstar_files: list[Path], random_model: Path, sqlite_url: str, tmp_path: Path):
+def test_run_on_the_real_files(capsys, apstar_files: list[Path], random_model: Path, sqlite_url: str, tmp_path: Path):
     folder = tmp_path / "apstar"
     folder.mkdir()
     for f in apstar_files:
@@ -87,14 +87,21 @@ def test_run_on_the_real_files(capsys, shared_data: Path, apstar_files: list[Pat
     for r in rows:
         assert r["spectrum_id"] in out
     assert _flag_text(bulge["result_flags"]) in out and "2048 X" in out and "E no E(B-V)" in out
-    assert "3 spectra processed" in out and model_id in out
+    assert "dist, err [pc]; Ks, E(B-V) [mag] as used" in out  # the units, not eaten as markup
+    # One broken file among good ones: flagged rows are normal, the exit status is 0.
+    assert "3 spectra processed in this run in " in out and "1 no result)" in out and model_id in out
+    assert "already done, skipped" not in out
 
-    # Again: everything is done for this model, nothing is recomputed; --force redoes it.
-    code, out, _ = cli(capsys, *args)
-    assert code == 0 and "3 already done" in out and "0 spectra processed" in out
+    # Again: everything is done for this model, nothing is recomputed, and the summary says so
+    # (rather than "0 spectra processed; 2 good" as if this run had found them good); exit 0.
+    code, out, err = cli(capsys, *args)
+    assert code == 0, out + err
+    assert "3 spectra found, 3 already done" in out
+    assert "0 spectra processed in this run: nothing to do; 3 already done, skipped (" in out
+    assert "1 no result; --force to redo them)" in out
     created = [r["created"] for r in _rows(sqlite_url)]
     code, out, _ = cli(capsys, *args, "--force")
-    assert code == 0 and "3 spectra processed" in out
+    assert code == 0 and "3 spectra processed in this run" in out and "already done, skipped" not in out
     assert len(_rows(sqlite_url)) == 3 and [r["created"] for r in _rows(sqlite_url)] != created
 
     # export, in the three formats, reads back the same rows.
@@ -175,6 +182,10 @@ def test_status_masks_passwords(capsys, redis_url: str, postgres_url: str, tmp_p
         (["migrate", "--db", "nosuchdb://x"], "bad database URL"),
         (["export", "out.txt"], "unknown format '.txt'"),
         (["run", ".", "--model", "missing.pt"], "model checkpoint not found: missing.pt"),
+        (["worker", "--metrics-addr", "nope"],
+         "metrics address 'nope' (ASTRONN_DIST_METRICS_ADDR or --metrics-addr) is not an IP address"),
+        (["worker", "--metrics-addr", "localhost"], "use 0.0.0.0 (every IPv4 interface), 127.0.0.1 (this host only)"),
+        (["requeue", "--failed", "--db", "sqlite:///empty.sqlite"], "no results table in sqlite:///empty.sqlite"),
     ],
 )
 def test_user_errors_are_one_line(capsys, args: list[str], message: str, tmp_path: Path):
@@ -186,13 +197,40 @@ def test_user_errors_are_one_line(capsys, args: list[str], message: str, tmp_pat
 
 
 def test_migrate_and_synth(capsys, sqlite_url: str, tmp_path: Path):
+    from worker.results import head_revision
+
+    head = head_revision()
     code, out, err = cli(capsys, "migrate", "--db", sqlite_url)
-    assert code == 0 and "up to date" in out, out + err
+    assert code == 0 and f"created the results table astro_nn_dist at revision {head} in {sqlite_url}" in out, out + err
     assert sa.inspect(sa.create_engine(sqlite_url)).has_table("astro_nn_dist")
+    code, out, err = cli(capsys, "migrate", "--db", sqlite_url)
+    assert code == 0 and f"results table already at revision {head} (the newest)" in out, out + err
+    assert "nothing to do" in out and "created" not in out
     code, out, err = cli(capsys, "synth", str(tmp_path / "survey"), "--n", "2", "--seed", "3")
     assert code == 0, out + err
     assert len(list((tmp_path / "survey").rglob("apStar-*.fits"))) == 2
     assert (tmp_path / "survey" / "catalog.csv").is_file()
+
+
+def test_migrate_says_it_upgraded(capsys, sqlite_url: str):
+    """A table at the revision before the newest (as an older astronn-dist left it)."""
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    from worker.results import alembic_config, head_revision, make_engine, migration_transaction
+
+    config = alembic_config()
+    previous = ScriptDirectory.from_config(config).get_revision(head_revision()).down_revision
+    if not isinstance(previous, str):
+        pytest.skip("no single revision before the newest to upgrade from")
+    engine = make_engine(sqlite_url)
+    with migration_transaction(engine) as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, previous)
+    engine.dispose()
+    code, out, err = cli(capsys, "migrate", "--db", sqlite_url)
+    assert code == 0, out + err
+    assert f"upgraded the results table from revision {previous} to {head_revision()} in {sqlite_url}" in out
 
 
 def test_console_script_imports_no_torch():
@@ -203,19 +241,45 @@ def test_console_script_imports_no_torch():
     assert done.returncode == 0 and "produce" in done.stdout
 
 
-def test_produce_then_worker_end_to_end(capsys, redis_url: str, sqlite_url: str, random_model: Path, apstar_files: list[Path], shared_data: Path):
-    """The service path: `produce` the real files, a `worker` subprocess writes their rows,
-    SIGTERM stops it cleanly."""
+def _listening(port: int) -> set[str]:
+    """The addresses a TCP socket of this host listens on at ``port`` (Linux /proc/net/tcp*)."""
+    import ipaddress
+
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not Path(table).exists():
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add(str(ipaddress.ip_address(raw)))
+    return found
+
+
+def test_produce_then_worker_end_to_end(capsys, redis_url: str, sqlite_url: str, random_model: Path, apstar_files: list[Path], sample_dir: Path):
+    """The service path: `produce` the real files, a `worker` subprocess writes their rows and
+    serves its metrics on 127.0.0.1 only (--metrics-addr), its start-up log is clean, SIGTERM
+    stops it cleanly."""
     import signal
     import time
+    import urllib.request
 
+    from _servers import free_port  # tests/ is on sys.path
+
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("reads the listening address in /proc/net/tcp (Linux)")
+    metrics_port = free_port()
     common = ["--broker", redis_url, "--db", sqlite_url, "--model", str(random_model)]
-    code, out, err = cli(capsys, "produce", str(shared_data / "apstar"), *common)
+    code, out, err = cli(capsys, "produce", str(sample_dir), *common)
     assert code == 0 and "enqueued 2 spectra in 1 messages" in out, out + err
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     worker = subprocess.Popen(
         [sys.executable, "-m", "producer.cli", "worker", "--device", "cpu", "--concurrency", "1",
-         "--mc-passes", "10", *common],
+         "--mc-passes", "10", "--metrics-addr", "127.0.0.1", "--metrics-port", str(metrics_port), *common],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -232,6 +296,14 @@ def test_produce_then_worker_end_to_end(capsys, redis_url: str, sqlite_url: str,
         assert [r["spectrum_id"] for r in rows] == [f.name for f in apstar_files]
         assert all(r["mc_passes"] == 10 and r["model_id"] == model_id_of(random_model) for r in rows)
         assert redis.Redis.from_url(redis_url).llen(QUEUE) == 0
+        counted = 'astronn_dist_spectra_total{outcome="result"} 2.0'
+        for _ in range(60):  # the rows are committed before they are counted
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+            if counted in metrics:
+                break
+            time.sleep(0.5)
+        assert counted in metrics, metrics
+        assert _listening(metrics_port) == {"127.0.0.1"}  # not 0.0.0.0, the default
     finally:
         worker.send_signal(signal.SIGTERM)
         try:
@@ -240,13 +312,19 @@ def test_produce_then_worker_end_to_end(capsys, redis_url: str, sqlite_url: str,
             worker.kill()
             output = worker.communicate()[0]
     assert worker.returncode == 0, output[-3000:]
+    # The start-up log: the metrics address, and none of Alembic's INFO lines nor Celery's
+    # task-name placeholders (a pool process logs its model load outside any task).
+    assert f"Prometheus metrics on http://127.0.0.1:{metrics_port}/metrics" in output, output[-3000:]
+    assert "loaded model" in output and "warm in" in output, output[-3000:]
+    for noise in ("???", "alembic", "setup plugin", "Context impl", "Will assume"):
+        assert noise not in output, (noise, output[-3000:])
     # Produce again: both are done for this model, nothing is sent.
-    code, out, err = cli(capsys, "produce", str(shared_data / "apstar"), *common)
+    code, out, err = cli(capsys, "produce", str(sample_dir), *common)
     assert code == 0 and "skipped 2 already done" in out and "enqueued 0 spectra" in out
 
 
-def test_run_refuses_bad_device_and_corrupt_checkpoint(capsys, shared_data: Path, random_model: Path, sqlite_url: str, tmp_path: Path):
-    spectra = str(shared_data / "apstar")
+def test_run_refuses_bad_device_and_corrupt_checkpoint(capsys, sample_dir: Path, random_model: Path, sqlite_url: str, tmp_path: Path):
+    spectra = str(sample_dir)
     code, out, err = cli(capsys, "run", spectra, "--model", str(random_model), "--device", "tpu", "--db", sqlite_url)
     assert code == 2 and "device 'tpu'" in err and "Traceback" not in err
     corrupt = tmp_path / "corrupt.pt"
@@ -270,3 +348,128 @@ def test_run_uses_the_bundled_model_on_the_shipped_samples_without_any_server(
     assert len(rows) == 2 and {r["model_id"] for r in rows} == {model_id_of(BUNDLED_MODEL)}
     assert all(r["error"] is None and r["dist"] > 0 for r in rows)
     assert "2 spectra processed" in out and "astronn-dist-demo-" in out
+
+
+def test_run_exits_1_when_no_spectrum_got_a_result_and_0_when_nothing_is_left(
+    capsys, random_model: Path, sqlite_url: str, tmp_path: Path
+):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for name in ("apStar-a.fits", "apStar-b.fits"):
+        (folder / name).write_bytes(b"not a FITS file")
+    args = ["run", str(folder), "--model", str(random_model), "--mc-passes", "2", "--db", sqlite_url]
+    code, out, err = cli(capsys, *args)
+    assert code == 1, out + err
+    assert "none of the 2 spectra processed got a result" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "2 spectra processed in this run in " in out and "(2 no result)" in out
+    assert [r["spectrum_id"] for r in _rows(sqlite_url)] == ["apStar-a.fits", "apStar-b.fits"]  # rows, all the same
+    # Again: nothing is left to do, which is not an error.
+    code, out, err = cli(capsys, *args)
+    assert code == 0 and not err, out + err
+    assert "0 spectra processed in this run: nothing to do; 2 already done, skipped (2 no result;" in out
+    # --force tries them again, and fails again.
+    code, out, err = cli(capsys, *args, "--force")
+    assert code == 1 and "none of the 2 spectra processed got a result" in err
+
+
+def test_a_bad_metrics_address_in_the_environment_is_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("ASTRONN_DIST_METRICS_ADDR", "0.0.0.0:9808")
+    code, out, err = cli(capsys, "worker")
+    assert code == 2 and "Traceback" not in err
+    assert "bad ASTRONN_DIST_* environment variable: metrics address '0.0.0.0:9808'" in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def _help(capsys, monkeypatch, *command: str) -> str:
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, err = cli(capsys, *command, "--help")
+    assert code == 0 and not err, out + err
+    return out
+
+
+def _commands() -> dict:
+    import typer.main
+
+    from producer.cli import app
+
+    return typer.main.get_command(app).commands
+
+
+EVERY_COMMAND = ["run", "produce", "reconcile", "worker", "watch", "requeue", "status", "export",
+                 "migrate", "synth", "train", "import-model"]
+
+
+def test_every_command_is_covered_here():
+    assert sorted(_commands()) == sorted(EVERY_COMMAND)
+
+
+@pytest.mark.parametrize("name", EVERY_COMMAND)
+def test_help_has_an_example_shown_verbatim_and_flags_as_flags(capsys, monkeypatch, name: str):
+    import inspect
+
+    from rich.text import Text
+
+    command = _commands()[name]
+    doc = inspect.cleandoc(command.help)
+    _, after = doc.split("Example:\n", 1)
+    examples = [line.strip() for line in after.split("\n\n")[0].splitlines()]
+    assert examples and all(line.startswith("astronn-dist ") for line in examples), doc
+    assert any(line.startswith(f"astronn-dist {name} ") for line in examples), doc
+    out = _help(capsys, monkeypatch, name)
+    lines = [line.strip() for line in out.splitlines()]
+    for example in examples:  # on one line of its own at 80 columns, not wrapped nor joined
+        assert example in lines, (example, out)
+    assert "<bool>" not in out and "[default: False]" not in out, out
+    # Every parameter has a help text, and nothing in it is taken for rich markup and dropped
+    # (a "[default: ...]" in a help text vanished and left "Pool processes .").
+    for param in command.params:
+        assert param.help, f"{name} {param.name}: no help text"
+        assert Text.from_markup(param.help).plain == param.help, (name, param.name, param.help)
+    assert Text.from_markup(doc).plain == doc, doc
+    import re
+
+    stray = re.compile(r"\S [.,;:](\s|$)|\( | \)")  # "Pool processes .", "( x", "x )"
+    assert not [line for line in out.splitlines() if stray.search(line.strip("│ "))], out
+
+
+def test_flags_show_no_value_in_help(capsys, monkeypatch):
+    out = _help(capsys, monkeypatch, "requeue")
+    for flag in ("--failed", "--bad", "--help"):
+        (line,) = [line for line in out.splitlines() if line.startswith(f"│ {flag} ")]
+        assert line.split(flag, 1)[1].split()[0] != "<bool>", line
+    assert "--spectrum          <list[str]>" in out  # options that take a value keep their type
+
+
+def test_run_help_documents_its_exit_status(capsys, monkeypatch):
+    out = " ".join(_help(capsys, monkeypatch, "run").split())
+    assert "Exit status: 0 every spectrum processed in this run got a row, and at least one of them a result" in out
+    assert "1 spectra were processed but none got a result" in out
+    assert "2 a usage or configuration error" in out
+
+
+def test_worker_help_documents_the_metrics_address(capsys, monkeypatch):
+    out = " ".join(_help(capsys, monkeypatch, "worker").split()).replace("│ ", "")
+    assert "--metrics-addr" in out and "ASTRONN_DIST_METRICS_ADDR" in out and "default 0.0.0.0" in out.replace("│", "")
+
+
+def test_worker_logs_quiet_alembic_unless_verbose_and_print_no_task_placeholders():
+    import logging
+
+    from worker import logs
+
+    alembic = logging.getLogger("alembic")
+    level = alembic.level
+    try:
+        logs._setup_worker_logger(logging.getLogger("test-root"), loglevel=logging.INFO)
+        assert alembic.getEffectiveLevel() == logging.WARNING
+        assert not logging.getLogger("alembic.runtime.plugins").isEnabledFor(logging.INFO)
+        logs._setup_worker_logger(logging.getLogger("test-root"), loglevel=logging.DEBUG)  # --verbose
+        assert logging.getLogger("alembic.runtime.migration").isEnabledFor(logging.INFO)
+    finally:
+        alembic.setLevel(level)
+    formatter = logs.TaskTextFormatter(
+        "[%(levelname)s/%(processName)s] %(task_name)s[%(task_id)s]: %(message)s", use_color=False
+    )
+    record = logging.LogRecord("worker.tasks", logging.INFO, __file__, 1, "process %d loaded", (7,), None)
+    assert formatter.format(record) == "[INFO/MainProcess] process 7 loaded"  # outside a task

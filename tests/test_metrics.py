@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import urllib.request
 from pathlib import Path
 
@@ -23,9 +24,9 @@ def _scrape(port: int) -> dict[tuple[str, tuple], float]:
 
 
 def test_worker_serves_counts_by_outcome_and_flag_latency_and_device(
-    redis_url: str, sqlite_url: str, shared_data: Path, apstar_files: list[Path], tmp_path: Path
+    redis_url: str, sqlite_url: str, apstar_files: list[Path], tmp_path: Path
 ) -> None:
-    checkpoint = build_checkpoint(shared_data, tmp_path / "random-dr17.pt")
+    checkpoint = build_checkpoint(tmp_path / "random-dr17.pt")
     port = free_port()
     env = worker_env(redis_url=redis_url, database_url=sqlite_url, model=checkpoint,
                      ASTRONN_DIST_METRICS_PORT=str(port),
@@ -61,11 +62,11 @@ def test_worker_serves_counts_by_outcome_and_flag_latency_and_device(
 
 
 def test_json_logs_have_one_line_per_chunk_with_counts_and_timings(
-    redis_url: str, sqlite_url: str, shared_data: Path, apstar_files: list[Path], tmp_path: Path
+    redis_url: str, sqlite_url: str, apstar_files: list[Path], tmp_path: Path
 ) -> None:
     import json
 
-    checkpoint = build_checkpoint(shared_data, tmp_path / "random-dr17.pt")
+    checkpoint = build_checkpoint(tmp_path / "random-dr17.pt")
     env = worker_env(redis_url=redis_url, database_url=sqlite_url, model=checkpoint,
                      ASTRONN_DIST_LOG_FORMAT="json")
     worker = Worker(env, tmp_path / "worker.log", name="json-logs")
@@ -87,3 +88,59 @@ def test_json_logs_have_one_line_per_chunk_with_counts_and_timings(
     loaded = [x for x in lines if x.get("event") == "model_loaded"]
     assert len(loaded) == 1 and loaded[0]["device"] == "cpu" and loaded[0]["seconds"] > 0
     assert str(sqlite_url) not in worker.log()  # no URL in any line
+
+
+def _listening(port: int) -> set[str]:
+    """The addresses a TCP socket of this host listens on at ``port`` (Linux /proc/net/tcp*)."""
+    import ipaddress
+
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not Path(table).exists():
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, hex_port = fields[1].split(":")
+            if fields[3] != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+            found.add(str(ipaddress.ip_address(b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4)))))
+    return found
+
+
+@pytest.mark.parametrize("address, expected", [("127.0.0.1", "127.0.0.1"), (None, "0.0.0.0")])
+def test_the_metrics_server_listens_on_the_configured_address(address: str | None, expected: str, tmp_path: Path) -> None:
+    """The real server (worker.metrics.serve, in a process of its own: it sets the multiprocess
+    folder for its process), on ASTRONN_DIST_METRICS_ADDR's address, the default being all."""
+    import subprocess
+    import sys
+
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("reads the listening address in /proc/net/tcp (Linux)")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ASTRONN_DIST_", "PROMETHEUS_"))}
+    if address:
+        env["ASTRONN_DIST_METRICS_ADDR"] = address
+    code = (
+        "import sys, time; from worker import metrics; from worker.config import Settings; "
+        "s = Settings.from_env(); print(metrics.serve(int(sys.argv[1]), s.metrics_addr), flush=True); "
+        "metrics.observe_parked(); time.sleep(60)"
+    )
+    server = subprocess.Popen([sys.executable, "-c", code, str(port)], env=env, cwd=Path(__file__).parents[1],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert server.stdout.readline().strip() == "True"
+        assert _listening(port) == {expected}
+        assert _scrape(port)[("astronn_dist_parked_chunks_total", ())] == 1
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_the_metrics_server_refuses_an_address_that_is_not_an_ip(monkeypatch) -> None:
+    from worker import metrics
+
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    with pytest.raises(ValueError, match="metrics address 'localhost' .* is not an IP address"):
+        metrics.serve(free_port(), "localhost")
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ  # refused before doing anything

@@ -5,6 +5,7 @@ Command-line flags override these environment variables; nothing else reads ``os
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ DEFAULT_MC_PASSES = 100
 DEFAULT_SEED = 0
 # Prometheus metrics of a worker (0: off). 9808 is free in Prometheus's port allocations list.
 DEFAULT_METRICS_PORT = 9808
+# All interfaces, so that a Prometheus on another host can scrape; 127.0.0.1 keeps it local.
+DEFAULT_METRICS_ADDR = "0.0.0.0"
 
 BUNDLED_MODEL = Path(__file__).parent / "models" / "astronn-dist-demo.pt"
 LOG_FORMATS = ("text", "json")  # worker.logs
@@ -54,6 +57,7 @@ class Settings:
     # Retries of a chunk after a transient failure before its spectra get no-result rows.
     max_retries: int = 5
     metrics_port: int = DEFAULT_METRICS_PORT
+    metrics_addr: str = DEFAULT_METRICS_ADDR  # the IP address the metrics server listens on
     log_format: str = "text"  # or "json": one object per line (worker.logs)
 
     @classmethod
@@ -78,8 +82,30 @@ class Settings:
             max_deliveries=int(_env("ASTRONN_DIST_MAX_DELIVERIES", "5")),
             max_retries=int(_env("ASTRONN_DIST_MAX_RETRIES", "5")),
             metrics_port=int(_env("ASTRONN_DIST_METRICS_PORT", str(DEFAULT_METRICS_PORT))),
+            metrics_addr=_env("ASTRONN_DIST_METRICS_ADDR", DEFAULT_METRICS_ADDR),
             log_format=_log_format(_env("ASTRONN_DIST_LOG_FORMAT", "text")),
         )
+
+    def __post_init__(self) -> None:
+        # Here rather than in from_env: a --metrics-addr flag (dataclasses.replace) is checked too.
+        object.__setattr__(self, "metrics_addr", metrics_address(self.metrics_addr))
+
+
+def metrics_address(value: str) -> str:
+    """``value`` as the IP address to listen on (``[::1]`` -> ``::1``); a clear error otherwise.
+
+    Only IP addresses: a host name could resolve to an address of another machine, or to
+    several, and the metrics server binds one.
+    """
+    text = str(value).strip()
+    try:
+        return str(ipaddress.ip_address(text.removeprefix("[").removesuffix("]")))
+    except ValueError:
+        raise ValueError(
+            f"metrics address {text!r} (ASTRONN_DIST_METRICS_ADDR or --metrics-addr) is not an IP "
+            "address: use 0.0.0.0 (every IPv4 interface), 127.0.0.1 (this host only), :: (every "
+            "interface, IPv6 too) or one of this host's addresses"
+        ) from None
 
 
 def _log_format(value: str) -> str:

@@ -40,6 +40,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
+from worker.config import DEFAULT_METRICS_ADDR, metrics_address
 from worker.results import FLAG_COUNTS
 
 if TYPE_CHECKING:
@@ -124,16 +125,23 @@ def process_exited(pid: int) -> None:
         multiprocess.mark_process_dead(pid)
 
 
-def serve(port: int, address: str = "0.0.0.0") -> bool:
+def serve(port: int, address: str = DEFAULT_METRICS_ADDR) -> bool:
     """Serve ``/metrics`` on ``address:port`` from this (parent) process, summed over its pool.
 
-    Call before the pool forks. Uses ``PROMETHEUS_MULTIPROC_DIR`` when the environment sets it
-    (its ``*.db`` sample files, a previous run's, are removed first), else a fresh temporary folder. Returns False,
-    with a warning, when the port cannot be bound (e.g. a second worker on the host): the worker
-    runs on without metrics rather than not at all. ``port`` 0 disables metrics.
+    Call before the pool forks. ``address`` is an IP address (``ASTRONN_DIST_METRICS_ADDR``,
+    ``--metrics-addr``): ``0.0.0.0`` for a Prometheus on another host, ``127.0.0.1`` to keep
+    the metrics on this host. Uses ``PROMETHEUS_MULTIPROC_DIR`` when the environment sets it
+    (its ``*.db`` sample files, a previous run's, are removed first), else a fresh temporary
+    folder. Returns False, with a warning, when the port cannot be bound (e.g. a second worker
+    on the host, or an address this host does not have): the worker runs on without metrics
+    rather than not at all. ``port`` 0 disables metrics.
+
+    Raises:
+        ValueError: ``address`` is not an IP address.
     """
     if port <= 0:
         return False
+    address = metrics_address(address)  # before any side effect: a typo fails loudly
     folder = os.environ.get(MULTIPROC_ENV)
     if not folder:
         folder = tempfile.mkdtemp(prefix="astronn-dist-metrics-")
@@ -151,7 +159,12 @@ def serve(port: int, address: str = "0.0.0.0") -> bool:
     try:
         start_http_server(port, addr=address, registry=registry)
     except OSError as exc:
-        log.warning("metrics not served: cannot listen on %s:%d (%s)", address, port, exc)
+        log.warning("metrics not served: cannot listen on %s (%s)", _host_port(address, port), exc)
         return False
-    log.info("Prometheus metrics on http://%s:%d/metrics", address, port)
+    log.info("Prometheus metrics on http://%s/metrics", _host_port(address, port))
     return True
+
+
+def _host_port(address: str, port: int) -> str:
+    """``host:port`` as in a URL: an IPv6 address in brackets."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"

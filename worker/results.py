@@ -300,8 +300,12 @@ def migration_transaction(engine: Engine) -> Iterator[Connection]:
             yield conn
 
 
-def migrate(url_or_engine: str | Engine) -> None:
+def migrate(url_or_engine: str | Engine) -> tuple[str | None, str]:
     """Create or upgrade the results table to this version's schema (Alembic ``upgrade head``).
+
+    Returns:
+        (revision before, revision after), both read under the migration lock: before is None
+        when there was no results table (this call created it).
 
     Safe to call from many processes at once (each worker calls it on start): they take turns
     (see :func:`migration_transaction`); the first creates the table, the others find the schema
@@ -320,6 +324,7 @@ def migrate(url_or_engine: str | Engine) -> None:
         config = alembic_config()
         with migration_transaction(engine) as conn:
             config.attributes["connection"] = conn
+            before = _current_revision(conn)
             try:
                 command.upgrade(config, "head")
             except CommandError as exc:
@@ -327,9 +332,19 @@ def migrate(url_or_engine: str | Engine) -> None:
                     f"cannot migrate the results database to revision {head_revision()}: {exc} "
                     "(was it migrated by a newer astronn-dist? upgrade this installation)"
                 ) from exc
+            after = _current_revision(conn)
     finally:
         if isinstance(url_or_engine, str):
             engine.dispose()
+    assert after is not None
+    return before, after
+
+
+def _current_revision(conn: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+    return context.get_current_revision()
 
 
 # --------------------------------------------------------------------------------------- writes

@@ -171,13 +171,20 @@ def run_worker(
         settings, device=plan.device, model_path=Path(model) if model else settings.model_path
     )
     os.environ.update(worker_environment(settings, plan))
-    log.info(
-        "starting worker: %d process(es), device %s, %d thread(s) per process",
-        plan.concurrency, plan.device, plan.threads_per_process,
-    )
+    from celery.signals import celeryd_after_setup
+
     from worker import metrics
     from worker.app import make_app
 
-    metrics.serve(settings.metrics_port)  # before the pool forks (see worker.metrics)
+    def after_setup(**_: object) -> None:
+        # Celery has set up logging (lines logged before it are lost) and not forked the pool
+        # yet, which the metrics server must precede (see worker.metrics).
+        log.info(
+            "starting worker: %d process(es), device %s, %d thread(s) per process",
+            plan.concurrency, plan.device, plan.threads_per_process,
+        )
+        metrics.serve(settings.metrics_port, settings.metrics_addr)
+
+    celeryd_after_setup.connect(after_setup, weak=False)
     app = make_app(settings)
     app.worker_main(worker_argv(plan, loglevel=loglevel, hostname=hostname))
