@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-import socket
 import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,7 +50,6 @@ from producer.catalog import CatalogError, gather
 from producer.enqueue import (
     DEFAULT_CHUNK_SIZE,
     BrokerError,
-    chunks,
     enqueue,
     mask_url,
     model_id_of,
@@ -340,6 +337,11 @@ def run(
     force: Annotated[
         bool, typer.Option("--force", help="Process again the spectra that already have a row.")
     ] = False,
+    processes: Annotated[
+        Optional[int],
+        typer.Option(min=1, help="Processes, as a worker's pool (default: one per GPU, else one "
+                     "per core, at most 8; a job of one chunk runs in this process)."),
+    ] = None,
 ) -> None:
     """Process spectra here and now, with no server (results in a SQLite file by default).
 
@@ -373,8 +375,7 @@ def run(
         f"{len(todo)} to process"
     )
     t0 = time.perf_counter()
-    if todo:
-        _process_here(todo, settings, engine, chunk_size)
+    working_s = _process_here(todo, settings, chunk_size, processes) if todo else 0.0
     seconds = time.perf_counter() - t0
     rows = _rows_for(engine, model_id, [r.spectrum_id for r in requests])
     engine.dispose()
@@ -382,7 +383,7 @@ def run(
     todo_ids = {r.spectrum_id for r in todo}
     this_run = [r for r in rows if r["spectrum_id"] in todo_ids]
     before = [r for r in rows if r["spectrum_id"] not in todo_ids]
-    console.print(_run_summary(len(todo_ids), this_run, before, seconds), soft_wrap=True)
+    console.print(_run_summary(len(todo_ids), this_run, before, seconds, working_s), soft_wrap=True)
     console.print(
         f"results in {mask_url(settings.database_url)} (table astro_nn_dist, model {model_id})",
         soft_wrap=True,
@@ -394,12 +395,16 @@ def run(
 
 
 def _run_summary(
-    n_todo: int, this_run: Sequence[dict[str, Any]], before: Sequence[dict[str, Any]], seconds: float
+    n_todo: int, this_run: Sequence[dict[str, Any]], before: Sequence[dict[str, Any]],
+    seconds: float, working_s: float = 0.0,
 ) -> str:
     """What this run did, then what was done before it: a second run over the same spectra
-    processes nothing, and must not read as if it had."""
+    processes nothing, and must not read as if it had. ``working_s``: the time after the
+    model was loaded, for the rate."""
     if n_todo:
-        text = f"{n_todo} spectra processed in this run in {seconds:.1f} s ({_outcomes(this_run) or 'no row'})"
+        rate = f", {n_todo / working_s:,.0f} spectra/s once loaded" if working_s > 0 else ""
+        text = (f"{n_todo} spectra processed in this run in {seconds:.1f} s{rate} "
+                f"({_outcomes(this_run) or 'no row'})")
     else:
         text = "0 spectra processed in this run: nothing to do"
     if before:
@@ -423,32 +428,36 @@ def _run_problem(n_todo: int, this_run: Sequence[dict[str, Any]]) -> str | None:
 
 
 def _process_here(
-    todo: Sequence[SpectrumRequest], settings: Settings, engine: Engine, chunk_size: int
-) -> None:
-    """Load the model once and run the chunks through the task body, in this process."""
-    from worker.inference import Predictor, resolve_device
-    from worker.model import load_model
-    from worker.tasks import process_chunk
+    todo: Sequence[SpectrumRequest], settings: Settings, chunk_size: int, processes: int | None
+) -> float:
+    """Run the chunks through the task body in processes planned as a worker's pool
+    (worker.local), with a progress bar. Returns the seconds from the model being loaded to
+    the last row committed."""
+    from worker.local import plan_local, run_local
 
     try:
-        device = resolve_device(settings.device)
+        plan = plan_local(settings, processes)
     except ValueError as exc:  # e.g. --device cuda on a machine without CUDA
         raise UserError(str(exc)) from exc
-    loaded = load_model(settings.model_path, device=device)
-    predictor = Predictor(loaded, mc_passes=settings.mc_passes, seed=settings.seed)
-    console.print(
-        f"model {loaded.model_id} on {loaded.device}, {settings.mc_passes} MC passes, "
-        f"seed {settings.seed}"
-    )
-    run_id = f"run-{uuid.uuid4()}"
-    host = socket.gethostname()
     with _progress() as progress:
         task = progress.add_task("spectra", total=len(todo))
-        for chunk in chunks(todo, chunk_size):
-            process_chunk(
-                list(chunk), predictor=predictor, engine=engine, task_id=run_id, attempts=1, host=host
+
+        loaded_at = [time.perf_counter()]
+
+        def started(run: Any) -> None:
+            loaded_at[0] = time.perf_counter()
+            n = min(plan.concurrency, -(-len(todo) // chunk_size))
+            progress.console.print(
+                f"model {run.model_id} on {', '.join(run.devices)}, {settings.mc_passes} MC passes, "
+                f"seed {settings.seed}; {n} process{'es' if n > 1 else ''} x "
+                f"{plan.threads_per_process} thread{'s' if plan.threads_per_process > 1 else ''}",
+                soft_wrap=True,
             )
-            progress.advance(task, len(chunk))
+
+        run_local(todo, settings, chunk_size=chunk_size, plan=plan, on_start=started,
+                  on_chunk=lambda outcome: progress.advance(task, outcome.spectra))
+    return time.perf_counter() - loaded_at[0]
+
 
 @app.command()
 def produce(

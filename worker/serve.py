@@ -24,6 +24,7 @@ each process's memory, and a chunk that crashes its process takes nothing else d
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import os
 import subprocess
@@ -61,6 +62,8 @@ def usable_cores() -> int:
 def gpu_count(timeout_s: float = 120.0) -> int:
     """Number of CUDA devices torch sees, asked in a subprocess so this process never initializes
     CUDA (it will fork the pool). 0 when torch has no CUDA or the probe fails."""
+    if not glob.glob("/dev/nvidia[0-9]*") and not os.path.exists("/dev/kfd"):
+        return 0  # no GPU device node (NVIDIA, or ROCm's): skip the 2-3 s torch import
     probe = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
     try:
         out = subprocess.run(

@@ -1,0 +1,193 @@
+"""The main job with no broker: ``astronn-dist run`` spreads chunks over processes as a worker does.
+
+A worker's pool is one process per core on the CPU (one torch thread each) or one per GPU
+(:func:`worker.serve.plan_worker`), because one process's reading, normalization and database
+writes hold its GIL while its inference threads wait. ``run`` uses the same plan: each process
+loads the model once, takes chunks from the parent and writes their rows itself through
+:func:`worker.tasks.process_chunk` (the task's body), exactly as a pool process would; the
+parent only hands out chunks and counts. Processes are spawned, not forked, so no process
+inherits a CUDA context (nor the parent's torch threads).
+
+A job of one chunk, or a plan of one process, runs in the calling process: starting a process
+costs more than such a job.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from typing import TYPE_CHECKING, Any
+
+from worker.config import Settings
+
+if TYPE_CHECKING:
+    from worker.pipeline import SpectrumRequest
+    from worker.serve import WorkerPlan
+    from worker.tasks import ChunkOutcome
+
+
+@dataclass
+class LocalReport:
+    """What the job did: one outcome per chunk (in completion order), the processes that ran
+    them."""
+
+    outcomes: list[ChunkOutcome] = field(default_factory=list)
+    pids: set[int] = field(default_factory=set)
+
+    def add(self, done: tuple[ChunkOutcome, int]) -> ChunkOutcome:
+        self.outcomes.append(done[0])
+        self.pids.add(done[1])
+        return done[0]
+
+
+@dataclass(frozen=True)
+class LocalRun:
+    """What the job ran on: the plan and the model's identity and device, for the summary."""
+
+    plan: WorkerPlan
+    model_id: str
+    devices: tuple[str, ...]
+
+
+def plan_local(settings: Settings, processes: int | None) -> WorkerPlan:
+    """The worker's plan for this machine (one process per core or GPU; ``processes`` sets it).
+
+    Raises:
+        ValueError: a device that is not there, or processes < 1.
+    """
+    from worker.serve import gpu_count, plan_worker, usable_cores
+
+    spec = (settings.device or "auto").strip().lower()
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec):  # before any process loads anything
+        raise ValueError(f"device {spec!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    n_gpus = gpu_count() if spec == "auto" or spec.startswith("cuda") else 0
+    return plan_worker(spec, processes, n_gpus=n_gpus, cores=usable_cores())
+
+
+# -- one process's state --------------------------------------------------------------------
+
+_STATE: dict[str, Any] = {}
+
+
+def _start(settings: Settings, plan: WorkerPlan, index: Any) -> tuple[str, str]:
+    """Load the model and open the database in this process; returns (model_id, device)."""
+    import torch
+
+    from worker.inference import Predictor, resolve_device
+    from worker.model import load_model
+    from worker.results import make_engine
+    from worker.tasks import device_for_process
+
+    if hasattr(index, "get_lock"):  # a shared counter: this process takes the next index
+        with index.get_lock():
+            index.value += 1
+            index = index.value - 1
+    torch.set_num_threads(plan.threads_per_process)
+    n_gpus = torch.cuda.device_count() if "cuda" in plan.device else 0
+    device = resolve_device(device_for_process(plan.device, int(index), n_gpus))
+    loaded = load_model(settings.model_path, device=device)
+    _STATE.update(
+        predictor=Predictor(loaded, mc_passes=settings.mc_passes, seed=settings.seed,
+                            threads=plan.threads_per_process),
+        engine=make_engine(settings.database_url),
+        host=socket.gethostname(),
+    )
+    return loaded.model_id, str(device)
+
+
+def _chunk(requests: list[SpectrumRequest], run_id: str) -> tuple[ChunkOutcome, int]:
+    """One chunk through the task's body: (its outcome, the process that ran it)."""
+    from worker.tasks import process_chunk
+
+    outcome = process_chunk(requests, predictor=_STATE["predictor"], engine=_STATE["engine"],
+                            task_id=run_id, attempts=1, host=_STATE["host"])
+    return outcome, os.getpid()
+
+
+def _stop() -> None:
+    predictor = _STATE.pop("predictor", None)
+    if predictor is not None:
+        predictor.close()
+    engine = _STATE.pop("engine", None)
+    if engine is not None:
+        engine.dispose()
+
+
+def _ready(settings: Settings, plan: WorkerPlan, counter: Any, barrier: Any) -> None:
+    """Pool initializer: the model is loaded before the first chunk arrives."""
+    _start(settings, plan, counter)
+    _STATE["barrier"] = barrier
+
+
+def _identity() -> tuple[str, str]:
+    """(model_id, device) of this process, once every process has loaded its model: one such
+    call per process makes the pool start them all (it would start them one at a time, as
+    work waits), each loading its model in parallel with the others."""
+    _STATE["barrier"].wait(timeout=600)
+    predictor = _STATE["predictor"]
+    return predictor.model_id, str(predictor.device)
+
+
+# -- the job --------------------------------------------------------------------------------
+
+
+def run_local(
+    requests: Sequence[SpectrumRequest],
+    settings: Settings,
+    *,
+    chunk_size: int,
+    plan: WorkerPlan,
+    on_start: Callable[[LocalRun], None] = lambda run: None,
+    on_chunk: Callable[[ChunkOutcome], None] = lambda outcome: None,
+) -> LocalReport:
+    """Process ``requests`` in chunks of ``chunk_size`` and write their rows (database migrated
+    beforehand). ``on_start`` is called once the model is loaded, ``on_chunk`` after each chunk's
+    rows are committed (in the calling process, in completion order).
+
+    Returns:
+        One outcome per chunk, and the processes that ran them.
+
+    Raises:
+        whatever a chunk raises (a database that went away, ...): the rows of the chunks done
+        until then are committed.
+    """
+    chunks = [list(requests[i : i + chunk_size]) for i in range(0, len(requests), chunk_size)]
+    run_id = f"run-{uuid.uuid4()}"
+    report = LocalReport()
+    processes = min(plan.concurrency, len(chunks))
+    if processes <= 1:
+        model_id, device = _start(settings, plan, 0)
+        try:
+            on_start(LocalRun(plan, model_id, (device,)))
+            for chunk in chunks:
+                on_chunk(report.add(_chunk(chunk, run_id)))
+        finally:
+            _stop()
+        return report
+
+    ctx = get_context("spawn")
+    counter, barrier = ctx.Value("i", 0), ctx.Barrier(processes)
+    with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_ready,
+                             initargs=(settings, plan, counter, barrier)) as pool:
+        ready = [pool.submit(_identity) for _ in range(processes)]
+        identities = [future.result() for future in ready]
+        devices = tuple(sorted({device for _, device in identities}))
+        on_start(LocalRun(plan, identities[0][0], devices))
+        # At most two chunks queued per process: a failure stops the job early, and the
+        # progress bar moves with the work done rather than the work handed out.
+        pending: set = set()
+        for chunk in chunks:
+            pending.add(pool.submit(_chunk, chunk, run_id))
+            if len(pending) >= 2 * processes:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    on_chunk(report.add(future.result()))
+        for future in pending:
+            on_chunk(report.add(future.result()))
+    return report
