@@ -92,14 +92,14 @@ def test_run_command_uses_the_processes(
 ) -> None:
     from producer.cli import main
 
-    spectra_farm(apstar_files, tmp_path / "spectra", 8)
+    paths = [e["path"] for e in spectra_farm(apstar_files, tmp_path / "spectra", 8)]
     try:
-        main(["run", str(tmp_path / "spectra"), "--model", str(model), "--db", sqlite_url,
+        main(["run", *paths, "--model", str(model), "--db", sqlite_url,
               "--mc-passes", "2", "--chunk-size", "2", "--processes", "2", "--device", "cpu"])
         code = 0
     except SystemExit as exc:
         code = exc.code
-    out = capsys.readouterr().out
-    assert code == 0, out
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
     assert "2 processes x 1 thread" in out and "8 spectra processed in this run" in out
     assert "spectra/s once loaded" in out and len(rows(sqlite_url)) == 8
