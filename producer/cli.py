@@ -339,8 +339,8 @@ def run(
     ] = False,
     processes: Annotated[
         Optional[int],
-        typer.Option(min=1, help="Processes, as a worker's pool (default: one per GPU, else one "
-                     "per core, at most 8; a job of one chunk runs in this process)."),
+        typer.Option(min=1, help="Processes, as a worker's pool (default: one per core, at most "
+                     "8 on the CPU or per GPU; a job of one chunk runs in this process)."),
     ] = None,
 ) -> None:
     """Process spectra here and now, with no server (results in a SQLite file by default).
@@ -550,7 +550,7 @@ def worker(
         Optional[int],
         typer.Option(
             min=1,
-            help=f"Pool processes (default: one per GPU, else one per core, at most {MAX_CPU_PROCESSES}).",
+            help=f"Pool processes (default: one per core, at most {MAX_CPU_PROCESSES} on the CPU or per GPU).",
         ),
     ] = None,
     model: ModelOpt = None,

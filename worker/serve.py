@@ -7,10 +7,18 @@ the choices below made for the hardware.
 Processes: the prefork pool (one OS process per concurrent chunk; the model and a batch live in
 each process's memory, and a chunk that crashes its process takes nothing else down).
 
-* With CUDA: one process per GPU by default, process i on ``cuda:i`` (by pool process index; a
-  replacement process takes the index, hence the GPU, of the one it replaces). This parent never
-  touches CUDA: a CUDA context does not survive fork, so the GPU count comes from a short-lived
-  subprocess, and each pool process opens its own device when it loads the model.
+* With CUDA: several processes per GPU, one per core (at most :data:`MAX_PROCESSES_PER_GPU`
+  each), process i on ``cuda:{i % GPUs}`` (by pool process index; a replacement process takes
+  the index, hence the GPU, of the one it replaces). Reading and normalizing a spectrum costs
+  ~0.5 ms of a core (BENCHMARKS.md) while a GPU infers 10^4-10^5 spectra/s, so one process per
+  GPU, preparing in a thread of its own, would leave the GPU idle most of the time; each pool
+  process prepares its own chunks on its core and sends them to the shared GPU in parts of
+  512 spectra. (Preparation processes under one inference process per GPU cannot be had inside
+  Celery's prefork pool: its processes are daemonic and may not start children.) Running
+  NVIDIA's MPS lets the processes' kernels share the GPU without context switches. This
+  parent never touches CUDA: a CUDA context does not survive fork, so the GPU count comes from
+  a short-lived subprocess, and each pool process opens its own device when it loads the
+  model.
 * On CPU: one process per core by default (at most :data:`MAX_CPU_PROCESSES`), each with
   ``cores // N`` torch threads (``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, read by torch at import
   in the pool process, unless the environment already sets them). Measured on 2 cores
@@ -37,6 +45,7 @@ from worker.config import QUEUE, Settings
 log = logging.getLogger(__name__)
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+MAX_PROCESSES_PER_GPU = 8  # each holds a CUDA context and a batch (~2 GB of GPU memory)
 MAX_CPU_PROCESSES = 8  # default CPU pool size cap (each process holds a model: ~0.4 GB)
 
 
@@ -90,7 +99,7 @@ def plan_worker(device: str, concurrency: int | None, *, n_gpus: int, cores: int
     if spec == "cuda":
         if n_gpus < 1:
             raise ValueError("--device cuda: no CUDA device is visible (use --device cpu or auto)")
-        n = concurrency or n_gpus
+        n = concurrency or n_gpus * max(1, min(cores // n_gpus, MAX_PROCESSES_PER_GPU))
         devices = ",".join(f"cuda:{i}" for i in range(n_gpus))
         return WorkerPlan(devices, n, max(1, cores // n))
     if spec.startswith("cuda:"):
@@ -104,7 +113,7 @@ def plan_worker(device: str, concurrency: int | None, *, n_gpus: int, cores: int
                 f"(cuda:0..cuda:{n_gpus - 1})"
                 if n_gpus else f"--device {device}: no CUDA device is visible"
             )
-        n = concurrency or 1
+        n = concurrency or max(1, min(cores, MAX_PROCESSES_PER_GPU))
         return WorkerPlan(spec, n, max(1, cores // n))
     n = concurrency or max(1, min(cores, MAX_CPU_PROCESSES))
     return WorkerPlan(spec, n, max(1, cores // n))
