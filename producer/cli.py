@@ -747,7 +747,7 @@ def status(
     """
     import redis
 
-    from worker.results import summary
+    from worker.results import computed_by, summary
 
     settings = _settings(broker_url=broker, database_url=db)
     console.print(f"broker   {mask_url(settings.broker_url)}")
@@ -766,6 +766,9 @@ def status(
         console.print("results: no table yet (astronn-dist migrate)")
         return
     console.print(_summary_table(summary(engine, model_id=model_id)))
+    for line in computed_by(engine, model_id=model_id):  # CPU and GPU rows draw other masks
+        how = f"{line['device']}, masks from {line['mask_rng']}" if line["device"] else "not recorded (before 0002)"
+        console.print(f"computed on {how}: {line['rows']} rows of {line['model_id']}", soft_wrap=True)
     engine.dispose()
 
 

@@ -103,3 +103,26 @@ def test_run_command_uses_the_processes(
     assert code == 0, out + err
     assert "2 processes x 1 thread" in out and "8 spectra processed in this run" in out
     assert "spectra/s once loaded" in out and len(rows(sqlite_url)) == 8
+
+
+def test_status_and_export_say_how_rows_were_computed(
+    capsys: pytest.CaptureFixture, model: Path, apstar_files: list[Path], sqlite_url: str,
+    redis_url: str, tmp_path: Path,
+) -> None:
+    from astropy.table import Table
+
+    from producer.cli import main
+
+    def cli(*args: str) -> str:
+        try:
+            main(list(args))
+        except SystemExit as exc:
+            assert not exc.code, capsys.readouterr()
+        return capsys.readouterr().out
+
+    cli("run", *map(str, apstar_files), "--model", str(model), "--db", sqlite_url, "--mc-passes", "2")
+    out = cli("status", "--broker", redis_url, "--db", sqlite_url)
+    assert "computed on cpu, masks from numpy-SFC64: 2 rows" in out
+    cli("export", str(tmp_path / "rows.csv"), "--db", sqlite_url)
+    table = Table.read(tmp_path / "rows.csv")
+    assert list(table["device"]) == ["cpu", "cpu"] and set(table["mask_rng"]) == {"numpy-SFC64"}
