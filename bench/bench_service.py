@@ -32,7 +32,7 @@ from pathlib import Path
 from bench.table import Row, print_rows
 from producer.enqueue import enqueue
 from worker.config import Settings
-from worker.pipeline import SpectrumRequest
+from worker.contract import SpectrumRequest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "apstar"

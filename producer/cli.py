@@ -71,7 +71,7 @@ from worker.serve import MAX_CPU_PROCESSES
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-    from worker.pipeline import SpectrumRequest
+    from worker.contract import SpectrumRequest
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -838,7 +838,8 @@ def _write_rows(rows: Sequence[dict[str, Any]], out: Path) -> None:
     if suffix == ".csv":
         pacsv.write_csv(table, out)
         return
-    from astropy.table import MaskedColumn, Table as AstropyTable
+    from astropy.table import MaskedColumn
+    from astropy.table import Table as AstropyTable
 
     columns = []
     for name in table.column_names:

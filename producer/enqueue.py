@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from worker.config import QUEUE, TASK_NAME, Settings
+from worker.contract import SpectrumRequest
 from worker.messages import MAX_CHUNK, make_message
-from worker.pipeline import SpectrumRequest
 
 if TYPE_CHECKING:
     import redis

@@ -52,8 +52,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from producer.catalog import CatalogError, read_catalog, scan_spectra
-from producer.enqueue import DEFAULT_CHUNK_SIZE, Publisher, provenance, queued_spectrum_ids
-from worker.pipeline import SpectrumRequest
+from producer.enqueue import (
+    DEFAULT_CHUNK_SIZE,
+    Publisher,
+    provenance,
+    queued_spectrum_ids,
+)
+from worker.contract import SpectrumRequest
 
 if TYPE_CHECKING:
     import redis

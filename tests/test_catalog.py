@@ -14,7 +14,7 @@ import pytest
 from astropy.table import MaskedColumn, Table
 
 from producer.catalog import CatalogError, find_spectra, gather, read_catalog, scan_spectra
-from worker.pipeline import SpectrumRequest
+from worker.contract import SpectrumRequest
 
 
 def _tree(root: Path, apstar_files: list[Path]) -> dict[str, Path]:

@@ -19,7 +19,7 @@ from _servers import PostgresServer, RedisServer
 from _service import Worker, build_checkpoint, rows, spectra_farm, wait_for, worker_env
 from worker.config import Settings
 from worker.distance import FLAG_NO_RESULT
-from worker.pipeline import SpectrumRequest
+from worker.contract import SpectrumRequest
 
 pytestmark = [pytest.mark.service, pytest.mark.slow, pytest.mark.timeout(900)]
 

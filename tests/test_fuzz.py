@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from _service import Worker, build_checkpoint, publish, rows, spectra_farm, wait_for, worker_env
 from worker.messages import InvalidSpectrum, MessageError, split_message
-from worker.pipeline import SpectrumRequest
+from worker.contract import SpectrumRequest
 
 ROOT = Path("/data/apogee")
 

@@ -23,7 +23,7 @@ from producer.enqueue import (
     split_done,
 )
 from worker.config import QUEUE, TASK_NAME, Settings
-from worker.pipeline import SpectrumRequest
+from worker.contract import SpectrumRequest
 
 REPO = Path(__file__).resolve().parents[1]
 

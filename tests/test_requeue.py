@@ -97,7 +97,7 @@ def test_requeued_message_carries_the_first_inputs(
     none (so the worker falls back to the header then, and only then)."""
     from worker.inference import Predictor
     from worker.model import load_model
-    from worker.pipeline import SpectrumRequest
+    from worker.contract import SpectrumRequest
     from worker.results import make_engine, migrate
     from worker.tasks import process_chunk
 

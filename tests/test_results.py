@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -142,16 +144,17 @@ def test_sqlite_engine_is_shareable(sqlite_url: str):
     engine.dispose()
 
 
-def test_constants_agree_with_their_owners():
-    from worker import distance, messages
+def test_the_contracts_import_nothing_heavy():
+    """The producer's side (contracts, messages, the results store) loads neither numpy nor
+    torch: one definition of each flag, name and limit, without the science core."""
+    code = ("import sys, worker.contract, worker.messages, worker.results; "
+            "heavy = sorted({'numpy', 'torch', 'astropy'} & set(sys.modules)); print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    from worker import contract, distance, messages
 
-    assert results.MAX_SPECTRUM_ID_CHARS == messages.MAX_ID_CHARS
-    assert results.FLAG_COUNTS == {
-        "fakemag_unreliable": distance.FLAG_FAKEMAG_UNRELIABLE,
-        "missing_photometry": distance.FLAG_MISSING_PHOTOMETRY,
-        "missing_extinction": distance.FLAG_MISSING_EXTINCTION,
-        "no_result": distance.FLAG_NO_RESULT,
-    }
+    assert results.MAX_SPECTRUM_ID_CHARS is contract.MAX_ID_CHARS is messages.MAX_ID_CHARS
+    assert distance.FLAG_NO_RESULT is contract.FLAG_NO_RESULT and messages.SpectrumRequest is contract.SpectrumRequest
 
 
 # -------------------------------------------------------------------------------------- writes
@@ -274,7 +277,7 @@ def _seed_requeue(engine: sa.Engine) -> None:
 
 
 def test_select_for_requeue(engine: sa.Engine):
-    from worker.pipeline import SpectrumRequest
+    from worker.contract import SpectrumRequest
 
     _seed_requeue(engine)
     failed = results.select_for_requeue(engine, MODEL, failed=True, bad=False, spectrum_ids=None)

@@ -21,7 +21,7 @@ from worker.messages import (
     parse_message,
     split_message,
 )
-from worker.pipeline import SpectrumRequest
+from worker.contract import SpectrumRequest
 
 
 def _entry(i: int = 0, **over: object) -> dict:

@@ -20,7 +20,7 @@ import numpy as np
 from astropy.table import Table
 
 from worker.config import BUNDLED_MODEL, DEFAULT_MC_PASSES, DEFAULT_SEED
-from worker.distance import FLAG_NAMES
+from worker.contract import FLAG_NAMES
 from worker.pipeline import ResultRecord, SpectrumRequest, process_batch
 
 UNITS = {

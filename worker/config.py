@@ -10,8 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-QUEUE = "astronn_dist"
-TASK_NAME = "astronn_dist.process"
+from worker.contract import QUEUE, TASK_NAME  # noqa: F401  (re-exported with the settings)
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 DEFAULT_DATABASE_URL = "sqlite:///astronn-dist.sqlite"

@@ -43,21 +43,15 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-FLAG_FAKEMAG_UNRELIABLE = 1 << 0
-FLAG_MISSING_PHOTOMETRY = 1 << 1
-FLAG_MISSING_EXTINCTION = 1 << 2
-FLAG_NO_RESULT = 1 << 11
-FLAG_NAMES = {
-    FLAG_FAKEMAG_UNRELIABLE: "flag_fakemag_unreliable",
-    FLAG_MISSING_PHOTOMETRY: "flag_missing_photometry",
-    FLAG_MISSING_EXTINCTION: "flag_missing_extinction",
-    FLAG_NO_RESULT: "flag_no_result",
-}
-"""result_flags bit -> the name of its boolean column (DESIGN.md, "Flags")."""
-
-# flag_warn and flag_bad (DESIGN.md, "Flags") as bit masks over result_flags.
-WARN_MASK = FLAG_MISSING_EXTINCTION
-BAD_MASK = FLAG_FAKEMAG_UNRELIABLE | FLAG_MISSING_PHOTOMETRY | FLAG_NO_RESULT
+# The flag bits, their names and the warn/bad masks are contracts (DESIGN.md, "Flags").
+from worker.contract import (  # re-exported: the science core's names
+    BAD_MASK,
+    FLAG_FAKEMAG_UNRELIABLE,
+    FLAG_MISSING_EXTINCTION,
+    FLAG_MISSING_PHOTOMETRY,
+    FLAG_NO_RESULT,
+    WARN_MASK,
+)
 
 A_K_PER_EBV = 0.3517
 """A_Ks / E(B-V) for the 2MASS Ks band (the SDSS-V astronn_dist pipeline's coefficient)."""

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from worker.config import Settings
 
 if TYPE_CHECKING:
-    from worker.pipeline import SpectrumRequest
+    from worker.contract import SpectrumRequest
     from worker.serve import WorkerPlan
     from worker.tasks import ChunkOutcome
 

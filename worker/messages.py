@@ -33,18 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from worker.pipeline import SpectrumRequest
+from worker.contract import MAX_CHUNK, MAX_ID_CHARS, MAX_PATH_CHARS, SpectrumRequest
 
-MAX_CHUNK = 1000
-"""Most spectra in one message. A chunk is one batch in memory (about 8575 x 8 B x 4 arrays, plus
-the (N, 7514) network input and MC activations), and one unit of redelivery: bigger chunks are
-slower to redo after a worker dies. The producer's usual size is a few hundred."""
-
-MAX_ID_CHARS = 256
-"""Longest spectrum_id (characters); the results table's key column."""
-
-MAX_PATH_CHARS = 4096
-"""Longest path (characters): PATH_MAX on Linux."""
+__all__ = ["MAX_CHUNK", "MAX_ID_CHARS", "MAX_PATH_CHARS", "InvalidSpectrum", "MessageError",
+           "ParsedMessage", "SpectrumRequest", "make_message", "parse_message", "split_message"]
 
 MAX_PROVENANCE_KEYS = 32
 MAX_PROVENANCE_CHARS = 1024

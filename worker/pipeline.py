@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from worker import PIPELINE_VERSION
+from worker.contract import SpectrumRequest
 from worker.continuum import normalize
 from worker.distance import FLAG_NO_RESULT, compute_distances, flags_summary, validate_photometry
 from worker.spectra import Spectrum, SpectrumError, read_apstar
@@ -79,19 +80,6 @@ PART_SPECTRA = {"cpu": 32, "cuda": 512}
 enough to give each predictor thread whole spectra, on a GPU enough to fill it."""
 
 NON_FINITE_PREDICTION = "the network returned a non-finite fakemag for this spectrum"
-
-
-@dataclass(frozen=True)
-class SpectrumRequest:
-    """One spectrum to process, as the message carries it.
-
-    k_mag, ebv: catalog 2MASS Ks and E(B-V) [mag]; None (or NaN) = use the apStar header's.
-    """
-
-    spectrum_id: str
-    path: str
-    k_mag: float | None = None
-    ebv: float | None = None
 
 
 @dataclass

@@ -31,26 +31,30 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-if TYPE_CHECKING:
-    from worker.pipeline import SpectrumRequest
-
-TABLE_NAME = "astro_nn_dist"
+from worker.contract import (
+    FLAG_FAKEMAG_UNRELIABLE,
+    FLAG_MISSING_EXTINCTION,
+    FLAG_MISSING_PHOTOMETRY,
+    FLAG_NO_RESULT,
+    MAX_ID_CHARS,
+    TABLE_NAME,
+    SpectrumRequest,
+)
 VERSION_TABLE = "astro_nn_dist_alembic_version"
 """Alembic's bookkeeping table. Not the default ``alembic_version``: a production PostgreSQL
 database may be shared with other applications that run their own Alembic migrations."""
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
-MAX_SPECTRUM_ID_CHARS = 256
-"""Bound of the key column; equal to :data:`worker.messages.MAX_ID_CHARS` (a test checks it;
-not imported, because worker.messages pulls in the whole pipeline)."""
+MAX_SPECTRUM_ID_CHARS = MAX_ID_CHARS
+"""Bound of the key column (the contract's longest spectrum_id)."""
 
 SQLITE_BUSY_TIMEOUT_S = 60.0
 """How long a SQLite writer waits for another process's write lock. Write transactions here are
@@ -61,18 +65,13 @@ _SQLITE_BEGIN = "astronn_sqlite_begin"
 
 _PG_MIGRATE_LOCK = 0x617374726F6E6E  # "astronn": the advisory-lock key of migrate()
 
-# The flag bits, as defined by worker.distance (imported lazily there would pull numpy in).
-_FLAG_FAKEMAG_UNRELIABLE = 1 << 0
-_FLAG_MISSING_PHOTOMETRY = 1 << 1
-_FLAG_MISSING_EXTINCTION = 1 << 2
-_FLAG_NO_RESULT = 1 << 11
 FLAG_COUNTS = {
-    "fakemag_unreliable": _FLAG_FAKEMAG_UNRELIABLE,
-    "missing_photometry": _FLAG_MISSING_PHOTOMETRY,
-    "missing_extinction": _FLAG_MISSING_EXTINCTION,
-    "no_result": _FLAG_NO_RESULT,
+    "fakemag_unreliable": FLAG_FAKEMAG_UNRELIABLE,
+    "missing_photometry": FLAG_MISSING_PHOTOMETRY,
+    "missing_extinction": FLAG_MISSING_EXTINCTION,
+    "no_result": FLAG_NO_RESULT,
 }
-"""summary() key -> result_flags bit (the same values as worker.distance.FLAG_*; a test checks)."""
+"""summary() key -> result_flags bit."""
 
 
 class SchemaError(RuntimeError):
@@ -503,7 +502,7 @@ def select_for_requeue(
         spectrum_ids: these spectra (ids without a row are left out: the caller can report them).
 
     Returns:
-        ``worker.pipeline.SpectrumRequest`` (spectrum_id, path, k_mag, ebv): flagged rows in
+        ``worker.contract.SpectrumRequest`` (spectrum_id, path, k_mag, ebv): flagged rows in
         spectrum_id order, then the named ones in the order given. Photometry: a no-result row's
         is what its message carried (None where it carried none: the worker reads the header
         then); a computed row's is the value it used, or None where the flags say it was
@@ -512,8 +511,6 @@ def select_for_requeue(
     Raises:
         ValueError: no criterion given.
     """
-    from worker.pipeline import SpectrumRequest
-
     ids = list(dict.fromkeys(spectrum_ids or ()))
     if not (failed or bad or ids):
         raise ValueError("choose what to requeue: failed, bad and/or spectrum_ids")
@@ -523,7 +520,7 @@ def select_for_requeue(
     with _reading(engine) as conn:
         if failed or bad:
             # flag_no_result implies flag_bad: both criteria use the (model_id, flag_bad) index.
-            condition = t.c.flag_bad.is_(True) if bad else sa.and_(t.c.flag_bad.is_(True), _has_flag(_FLAG_NO_RESULT))
+            condition = t.c.flag_bad.is_(True) if bad else sa.and_(t.c.flag_bad.is_(True), _has_flag(FLAG_NO_RESULT))
             query = sa.select(*columns).where(t.c.model_id == model_id, condition).order_by(t.c.spectrum_id)
             selected.update((r.spectrum_id, r) for r in conn.execute(query))
         named: dict[str, Any] = {}
@@ -541,8 +538,8 @@ def select_for_requeue(
         SpectrumRequest(
             spectrum_id=r.spectrum_id,
             path=r.path,
-            k_mag=photometry(r.k_mag, r.result_flags, _FLAG_MISSING_PHOTOMETRY),
-            ebv=photometry(r.ebv, r.result_flags, _FLAG_MISSING_EXTINCTION),
+            k_mag=photometry(r.k_mag, r.result_flags, FLAG_MISSING_PHOTOMETRY),
+            ebv=photometry(r.ebv, r.result_flags, FLAG_MISSING_EXTINCTION),
         )
         for r in selected.values()
     ]
@@ -564,7 +561,7 @@ def summary(engine: Engine | Connection, model_id: str | None = None) -> list[di
     aggregates = [
         sa.func.count().label("rows"),
         count(t.c.dist.is_not(None)).label("results"),
-        count(_has_flag(_FLAG_NO_RESULT)).label("no_result"),
+        count(_has_flag(FLAG_NO_RESULT)).label("no_result"),
         count(t.c.flag_bad.is_(True)).label("flag_bad"),
         count(t.c.flag_warn.is_(True)).label("flag_warn"),
         *(count(_has_flag(bit)).label(name) for name, bit in FLAG_COUNTS.items() if name != "no_result"),
