@@ -5,6 +5,8 @@
     python -m bench --sections inference --device cuda
 
 Sections: prepare (each apStar reader side by side, and read + continuum + conv1 per core),
+run (the main job at 2 and 100 passes beside plain reading, the predictor's fixed cost and the
+reference inference),
 inference (the Predictor beside the reference algorithm), continuum (the project beside
 astroNN), service (producer rate, end to end through Redis and real workers on SQLite and
 PostgreSQL, peak worker RSS). Each row states its conditions.
@@ -20,7 +22,7 @@ from collections.abc import Sequence
 
 from bench.table import Row, format_rows
 
-SECTIONS = ("prepare", "inference", "continuum", "service")
+SECTIONS = ("prepare", "run", "inference", "continuum", "service")
 
 
 def machine() -> str:
@@ -51,6 +53,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         from bench import bench_prepare
 
         rows += bench_prepare.run(50 if args.quick else 200, seconds=1.0 if args.quick else 3.0)
+        print(format_rows(rows), flush=True)
+    if "run" in args.sections:
+        from bench import bench_run
+
+        rows += bench_run.run(400 if args.quick else args.spectra, 50 if args.quick else 200)
         print(format_rows(rows), flush=True)
     if "inference" in args.sections:
         from bench import bench_inference

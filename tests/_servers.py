@@ -270,3 +270,21 @@ class PostgresServer:
                 except (OSError, ValueError, IndexError):
                     pass
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The addresses a TCP socket of this host listens on at ``port`` (Linux /proc/net/tcp*)."""
+    import ipaddress
+
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not Path(table).exists():
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, hex_port = fields[1].split(":")
+            if fields[3] != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+            found.add(str(ipaddress.ip_address(b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4)))))
+    return found

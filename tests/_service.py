@@ -254,3 +254,16 @@ def redis_client(redis_url: str):
     import redis
 
     return redis.Redis.from_url(redis_url)
+
+
+def run_cli(capsys: Any, *args: str) -> tuple[int, str, str]:
+    """Run ``astronn-dist ARGS`` in this process: (exit status, stdout, stderr)."""
+    from producer.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -13,24 +13,17 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from producer.cli import _flag_text, main
+from producer.cli import _flag_text
 from producer.enqueue import model_id_of
 from worker.config import QUEUE
 
-from test_producer import queued_messages  # noqa: E402  (tests/ is on sys.path)
+from _service import run_cli  # noqa: E402  (tests/ is on sys.path)
+from test_producer import queued_messages  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    """Run ``astronn-dist ARGS`` in this process: (exit status, stdout, stderr)."""
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
+cli = run_cli  # (exit status, stdout, stderr) of astronn-dist ARGS in this process
 
 
 @pytest.fixture(autouse=True)
@@ -241,25 +234,6 @@ def test_console_script_imports_no_torch():
     assert done.returncode == 0 and "produce" in done.stdout
 
 
-def _listening(port: int) -> set[str]:
-    """The addresses a TCP socket of this host listens on at ``port`` (Linux /proc/net/tcp*)."""
-    import ipaddress
-
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        if not Path(table).exists():
-            continue
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            address, hex_port = local.split(":")
-            if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
-                continue
-            raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
-            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-            found.add(str(ipaddress.ip_address(raw)))
-    return found
-
-
 def test_produce_then_worker_end_to_end(capsys, redis_url: str, sqlite_url: str, random_model: Path, apstar_files: list[Path], sample_dir: Path):
     """The service path: `produce` the real files, a `worker` subprocess writes their rows and
     serves its metrics on 127.0.0.1 only (--metrics-addr), its start-up log is clean, SIGTERM
@@ -268,7 +242,7 @@ def test_produce_then_worker_end_to_end(capsys, redis_url: str, sqlite_url: str,
     import time
     import urllib.request
 
-    from _servers import free_port  # tests/ is on sys.path
+    from _servers import free_port, listening_addresses  # tests/ is on sys.path
 
     if not Path("/proc/net/tcp").exists():
         pytest.skip("reads the listening address in /proc/net/tcp (Linux)")
@@ -303,7 +277,7 @@ def test_produce_then_worker_end_to_end(capsys, redis_url: str, sqlite_url: str,
                 break
             time.sleep(0.5)
         assert counted in metrics, metrics
-        assert _listening(metrics_port) == {"127.0.0.1"}  # not 0.0.0.0, the default
+        assert listening_addresses(metrics_port) == {"127.0.0.1"}  # not 0.0.0.0, the default
     finally:
         worker.send_signal(signal.SIGTERM)
         try:

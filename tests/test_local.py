@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from _service import build_checkpoint, rows, spectra_farm  # tests/ is on sys.path
+from _service import build_checkpoint, rows, run_cli, spectra_farm  # tests/ is on sys.path
 from worker.config import Settings
 from worker.local import plan_local, run_local
 from worker.pipeline import SpectrumRequest, process_batch
@@ -90,16 +90,10 @@ def test_run_command_uses_the_processes(
     capsys: pytest.CaptureFixture, model: Path, apstar_files: list[Path], sqlite_url: str,
     tmp_path: Path,
 ) -> None:
-    from producer.cli import main
-
     paths = [e["path"] for e in spectra_farm(apstar_files, tmp_path / "spectra", 8)]
-    try:
-        main(["run", *paths, "--model", str(model), "--db", sqlite_url,
-              "--mc-passes", "2", "--chunk-size", "2", "--processes", "2", "--device", "cpu"])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
+    code, out, err = run_cli(capsys, "run", *paths, "--model", str(model), "--db", sqlite_url,
+                             "--mc-passes", "2", "--chunk-size", "2", "--processes", "2",
+                             "--device", "cpu")
     assert code == 0, out + err
     assert "2 processes x 1 thread" in out and "8 spectra processed in this run" in out
     assert "spectra/s once loaded" in out and len(rows(sqlite_url)) == 8
@@ -111,14 +105,10 @@ def test_status_and_export_say_how_rows_were_computed(
 ) -> None:
     from astropy.table import Table
 
-    from producer.cli import main
-
     def cli(*args: str) -> str:
-        try:
-            main(list(args))
-        except SystemExit as exc:
-            assert not exc.code, capsys.readouterr()
-        return capsys.readouterr().out
+        code, out, err = run_cli(capsys, *args)
+        assert code == 0, out + err
+        return out
 
     cli("run", *map(str, apstar_files), "--model", str(model), "--db", sqlite_url, "--mc-passes", "2")
     out = cli("status", "--broker", redis_url, "--db", sqlite_url)

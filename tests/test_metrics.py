@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from _servers import free_port  # tests/ is on sys.path
+from _servers import free_port, listening_addresses  # tests/ is on sys.path
 from _service import Worker, build_checkpoint, publish, rows, spectra_farm, wait_for, worker_env
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(300)]
@@ -90,24 +90,6 @@ def test_json_logs_have_one_line_per_chunk_with_counts_and_timings(
     assert str(sqlite_url) not in worker.log()  # no URL in any line
 
 
-def _listening(port: int) -> set[str]:
-    """The addresses a TCP socket of this host listens on at ``port`` (Linux /proc/net/tcp*)."""
-    import ipaddress
-
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        if not Path(table).exists():
-            continue
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            address, hex_port = fields[1].split(":")
-            if fields[3] != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
-                continue
-            raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
-            found.add(str(ipaddress.ip_address(b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4)))))
-    return found
-
-
 @pytest.mark.parametrize("address, expected", [("127.0.0.1", "127.0.0.1"), (None, "0.0.0.0")])
 def test_the_metrics_server_listens_on_the_configured_address(address: str | None, expected: str, tmp_path: Path) -> None:
     """The real server (worker.metrics.serve, in a process of its own: it sets the multiprocess
@@ -130,7 +112,7 @@ def test_the_metrics_server_listens_on_the_configured_address(address: str | Non
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert server.stdout.readline().strip() == "True"
-        assert _listening(port) == {expected}
+        assert listening_addresses(port) == {expected}
         assert _scrape(port)[("astronn_dist_parked_chunks_total", ())] == 1
     finally:
         server.kill()

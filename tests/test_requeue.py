@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from _service import Worker, build_checkpoint, rows, wait_for, worker_env  # tests/ is on sys.path
-from producer.cli import main
+from _service import Worker, build_checkpoint, rows, run_cli, wait_for, worker_env  # tests/ is on sys.path
 from test_producer import queued_messages
 from worker.distance import FLAG_MISSING_EXTINCTION, FLAG_NO_RESULT
 
@@ -25,12 +24,7 @@ CATALOG_K, CATALOG_EBV = 11.0, 0.3  # not the header's
 
 
 def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
+    code, out, err = run_cli(capsys, *args)
     return code, out + err
 
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from _servers import RedisServer
-from _service import Worker, build_checkpoint, rows, spectra_farm, wait_for, worker_env
-from producer.cli import main as cli_main
+from _service import Worker, build_checkpoint, rows, run_cli, spectra_farm, wait_for, worker_env
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(300)]
 
@@ -18,12 +17,7 @@ PASSWORD = "s3cret-hunter2"
 
 
 def _cli(capsys, *args: str) -> tuple[int, str]:
-    try:
-        cli_main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 0
-    out, err = capsys.readouterr()
+    code, out, err = run_cli(capsys, *args)
     return code, out + err
 
 
