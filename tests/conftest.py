@@ -39,6 +39,32 @@ def sample_dir(apstar_files: list[Path]) -> Path:
     return SAMPLES
 
 
+_REDIS_DB_LOCK: list = []  # the lock file held for the whole session
+
+
+def _redis_db() -> int:
+    """A Redis database number (5..15) no other pytest run on this machine holds, so that
+    concurrent runs never consume each other's messages: each holds a lock file for its own
+    number for its whole session. ASTRONN_DIST_TEST_REDIS_DB pins it."""
+    if "ASTRONN_DIST_TEST_REDIS_DB" in os.environ:
+        return int(os.environ["ASTRONN_DIST_TEST_REDIS_DB"])
+    if _REDIS_DB_LOCK:
+        return _REDIS_DB_LOCK[0][0]
+    import fcntl
+    import tempfile
+
+    for db in range(5, 16):
+        handle = open(Path(tempfile.gettempdir()) / f"astronn-dist-test-redis-db-{db}.lock", "w")  # noqa: SIM115
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        _REDIS_DB_LOCK.append((db, handle))
+        return db
+    pytest.fail("every test Redis database 5..15 is held by another pytest run on this machine")
+
+
 @pytest.fixture()
 def redis_url() -> str:
     """A real Redis, on a database number of its own for this test (flushed before and after)."""
@@ -46,9 +72,7 @@ def redis_url() -> str:
 
     if not _reachable(TEST_REDIS_URL):
         pytest.fail(f"Redis is not reachable at {TEST_REDIS_URL}: start it (see README, Testing)")
-    # A database number per pytest process (5..10), so concurrent test runs on one machine do
-    # not consume each other's messages; ASTRONN_DIST_TEST_REDIS_DB pins it.
-    db = int(os.environ.get("ASTRONN_DIST_TEST_REDIS_DB", 5 + os.getpid() % 6))
+    db = _redis_db()
     url = f"{TEST_REDIS_URL.rsplit('/', 1)[0]}/{db}"
     client = redis.Redis.from_url(url)
     client.flushdb()
