@@ -105,8 +105,8 @@ def test_the_metrics_server_listens_on_the_configured_address(address: str | Non
         env["ASTRONN_DIST_METRICS_ADDR"] = address
     code = (
         "import sys, time; from worker import metrics; from worker.config import Settings; "
-        "s = Settings.from_env(); print(metrics.serve(int(sys.argv[1]), s.metrics_addr), flush=True); "
-        "metrics.observe_parked(); time.sleep(60)"
+        "s = Settings.from_env(); ok = metrics.serve(int(sys.argv[1]), s.metrics_addr); "
+        "metrics.observe_parked(); print(ok, flush=True); time.sleep(60)"  # counted, then told
     )
     server = subprocess.Popen([sys.executable, "-c", code, str(port)], env=env, cwd=Path(__file__).parents[1],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
