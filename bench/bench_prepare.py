@@ -105,7 +105,8 @@ def run(n_files: int = 200, seconds: float = 3.0) -> list[Row]:
     with tempfile.TemporaryDirectory() as tmp:
         synth.write_survey(Path(tmp), n_files, seed=11, visits=(1, 3))
         sets = {
-            "real DR17 files": [str(p) for p in sorted(SAMPLES.glob("apStar-*.fits"))],
+            # the two files 32 times each, so that batches are whole here too
+            "real DR17 files": [str(p) for p in sorted(SAMPLES.glob("apStar-*.fits"))] * 32,
             f"{n_files} synthetic files": sorted(str(p) for p in (Path(tmp) / "apstar").glob("*.fits")),
         }
         conv1 = _conv1()

@@ -49,9 +49,9 @@ _VALUE = re.compile(
 
 @dataclass(frozen=True)
 class Image:
-    """The rows read from one image HDU: ``row0`` (8575,) as stored (native byte order)."""
+    """What is read of one image HDU: ``row0`` (8575,) as stored, in native byte order."""
 
-    bitpix: int
+    dtype: np.dtype  # as stored (big-endian)
     shape: tuple[int, ...]  # numpy order, e.g. (rows, 8575)
     row0: np.ndarray
 
@@ -67,7 +67,7 @@ def _parse(field: bytes) -> Any:
     if match["bool"] is not None:
         return match["bool"] == b"T"
     number = match["num"]
-    if any(c in number for c in b".DE"):
+    if b"." in number or b"E" in number or b"D" in number:
         return float(number.replace(b"D", b"E"))
     return int(number)
 
@@ -129,45 +129,51 @@ class _File:
         return None
 
 
-def _image(f: _File, got: tuple[bytes, int] | None, n_pixels: int, extension: bool
-           ) -> tuple[Image, int] | None:
-    """The image HDU of header ``got`` (from :meth:`_File.header`): row 0 and where the next
-    HDU starts; None: decline."""
-    if got is None:
-        return None
-    header, data_at = got
+def _layout(header: bytes, cards: dict[str, Any] | None, extension: bool
+            ) -> tuple[np.dtype, tuple[int, ...]] | None:
+    """(dtype, axes in FITS order) of a plain image HDU from its header and parsed structural
+    cards; None: decline."""
     if extension:
         if not header.startswith(b"XTENSION= 'IMAGE   '"):
             return None
     elif not header.startswith(b"SIMPLE  =                    T"):
         return None
-    cards = _cards(header, _STRUCTURE)
     if cards is None or any(k in cards for k in ("BSCALE", "BZERO", "BLANK", "NAXIS3", "GROUPS", "ZIMAGE", "ZTABLE")):
         return None
     bitpix, naxis = cards.get("BITPIX"), cards.get("NAXIS")
     if bitpix not in _DTYPES or type(naxis) is not int or naxis not in (0, 1, 2):
         return None
-    axes = [cards.get(f"NAXIS{i}") for i in range(1, naxis + 1)]
+    axes = tuple(cards.get(f"NAXIS{i}") for i in range(1, naxis + 1))
     if any(type(a) is not int or a < 0 for a in axes):
         return None
     pcount, gcount = cards.get("PCOUNT", 0), cards.get("GCOUNT", 1)
     if extension and (pcount, gcount) != (0, 1) or not extension and ("PCOUNT" in cards or "GCOUNT" in cards):
         return None
-    dtype = _DTYPES[bitpix]
-    values = int(np.prod(axes)) if axes else 0
-    data_bytes = values * dtype.itemsize
-    next_hdu = data_at + -(-data_bytes // BLOCK) * BLOCK
-    if next_hdu > f.size:
+    return _DTYPES[bitpix], axes  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=256)
+def _extension_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...]] | None:
+    """:func:`_layout` of an extension header. Cached by its bytes: a survey's HDU1-3 headers
+    come in a handful of variants (they differ by the number of rows), so most files cost a
+    dictionary lookup here instead of a parse."""
+    return _layout(header, _cards(header, _STRUCTURE), extension=True)
+
+
+def _row0(f: _File, layout: tuple[np.dtype, tuple[int, ...]] | None, data_at: int, n_pixels: int
+          ) -> tuple[np.ndarray, int] | None:
+    """Row 0 of the image at ``data_at`` (native byte order) and where the next HDU starts."""
+    if layout is None:
         return None
-    shape = tuple(reversed(axes))
-    if not extension:
-        return Image(bitpix, shape, np.empty(0, dtype)), next_hdu
-    if not axes or axes[0] != n_pixels or values == 0:
-        return None  # no data, or not a spectrum's width: astropy words the error
+    dtype, axes = layout
+    values = int(np.prod(axes)) if axes else 0
+    next_hdu = data_at + -(-values * dtype.itemsize // BLOCK) * BLOCK
+    if next_hdu > f.size or not axes or axes[0] != n_pixels or values == 0:
+        return None  # past the end, no data, or not a spectrum's width: astropy words it
     raw = f.read(data_at, n_pixels * dtype.itemsize)
     if raw is None:
         return None
-    return Image(bitpix, shape, np.frombuffer(raw, dtype).astype(dtype.newbyteorder("="))), next_hdu
+    return np.frombuffer(raw, dtype).astype(dtype.newbyteorder("=")), next_hdu
 
 
 def read_rows(path: str, n_pixels: int, keys: tuple[str, ...]
@@ -187,15 +193,25 @@ def read_rows(path: str, n_pixels: int, keys: tuple[str, ...]
         primary = f.header(0, first=8 * BLOCK)  # DR17 primary headers: 3-4 blocks
         if primary is None:
             return None
-        values = _cards(primary[0], keys)
-        first = _image(f, primary, n_pixels, extension=False)
-        if values is None or first is None:
+        header, data_at = primary
+        cards = _cards(header, keys + _STRUCTURE)  # one scan for the values and the layout
+        layout = _layout(header, cards, extension=False)
+        if cards is None or layout is None:
             return None
-        offset, images = first[1], []
+        values = {k: cards[k] for k in keys if k in cards}
+        dtype, axes = layout
+        offset = data_at + -(-int(np.prod(axes)) * dtype.itemsize // BLOCK) * BLOCK if axes else data_at
+        if offset > f.size:
+            return None
+        images = []
         for _ in range(3):
-            got = _image(f, f.header(offset), n_pixels, extension=True)
+            got = f.header(offset)
             if got is None:
                 return None
-            images.append(got[0])
-            offset = got[1]
+            layout = _extension_layout(got[0])
+            row = _row0(f, layout, got[1], n_pixels)
+            if row is None:
+                return None
+            images.append(Image(layout[0], tuple(reversed(layout[1])), row[0]))
+            offset = row[1]
         return values, images
