@@ -42,7 +42,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -56,13 +56,14 @@ from worker.spectra import Spectrum, SpectrumError, read_apstar
 if TYPE_CHECKING:  # the pipeline itself never needs torch; the predictor brings it
     from worker.inference import Predictor
 
-READ_THREADS = 4
-"""Threads reading apStar files. Measured on the 2-core development machine (files in the page
-cache, machine busy): plain .fits 2.2 ms/file with 1 thread, 2.0-2.1 ms with 2 or 4 (astropy's
-header parsing holds the GIL); .fits.gz 10.8 ms with 1, 10.7-11.5 ms with 2 or 4 (noise). So no
-gain there, and no loss; the threads are for storage with latency (NFS, Lustre), where reads
-wait on the network with the GIL released. For scale: 100-pass CPU inference is about 44 ms per
-spectrum on the same machine, continuum normalization 0.35 ms."""
+READ_THREADS = 1
+"""Threads reading apStar files within a part. Measured on the 2-core development machine
+(synthetic files in the page cache, one process with one torch thread, 2 MC passes): 1.00 ms
+per spectrum for the whole batch with 1 reading thread, 1.53-2.07 ms with 4. With
+worker.fastfits a read is ~0.4 ms of Python holding the GIL, so more threads only contend
+with the predictor; on storage with latency (NFS, Lustre), where reads wait with the GIL
+released, more threads (``read_threads``) can pay off again. The part being read still
+overlaps the part being predicted (one read-ahead thread)."""
 
 TRANSIENT_ERRNOS = frozenset(
     getattr(errno, name)
@@ -115,11 +116,15 @@ class ResultRecord:
 
     def as_row(self) -> dict[str, Any]:
         """Plain Python values for the database: NaN/inf floats become None."""
-        row = asdict(self)
+        # A shallow copy: every field is a scalar or a string (asdict's deep copy cost 0.16 ms).
+        row = {name: getattr(self, name) for name in _RECORD_FIELDS}
         for key, value in row.items():
             if isinstance(value, float) and not math.isfinite(value):
                 row[key] = None
         return row
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(ResultRecord))
 
 
 def _transient_cause(exc: BaseException) -> BaseException | None:
