@@ -18,6 +18,7 @@ import torch
 from _data import astronn_parameters  # noqa: E402 (tests/ is on sys.path)
 from worker.inference import (  # noqa: E402
     MaskLayout,
+    module_masks,
     Predictor,
     draw_random16,
     resolve_device,
@@ -127,6 +128,32 @@ def test_no_dropout_equals_module_forward(flux):
                                rtol=2e-5)
     samples, _ = pred.sample(flux[:4], ["a", "b", "c", "d"])
     assert np.ptp(samples, axis=1).max() <= 1e-6 * np.abs(samples).max()  # passes identical
+
+
+@pytest.mark.parametrize("passes", [2, 20, 100])
+def test_dropout_on_equals_the_reference_forward_with_the_same_masks(flux, passes: int):
+    """With dropout on, every pass of the fast path is the module's plain forward with that
+    pass's masks (module_masks of the spectrum's random numbers): exact up to float32 rounding,
+    so the fast path's tricks (Toeplitz conv2, folded scales, pass groups) change no number."""
+    net = _net(dropout_rate=0.3)
+    loaded = LoadedModel(net=net, model_id="p3", path=Path("p3.pt"), device=torch.device("cpu"))
+    pred = Predictor(loaded, mc_passes=passes, seed=5)
+    ids = ["kepler", "bulge", "third"]
+    out, log_var = pred.sample(flux[:3], ids)
+    for i, sid in enumerate(ids):
+        randoms = draw_random16(spectrum_seed(5, sid), passes, pred.layout)
+        keep = module_masks(randoms, pred.layout, pred.threshold)
+        assert 0.6 < float(keep[0].float().mean()) < 0.8  # about 70 % of units kept
+        x = torch.from_numpy(flux[i : i + 1]).repeat(passes, 1)
+        with torch.no_grad():
+            want_out, want_log_var = net.forward_with_masks(x, keep)
+        np.testing.assert_allclose(out[i], want_out.numpy(), rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(log_var[i], want_log_var.numpy(), rtol=2e-5, atol=1e-5)
+    # Other masks give other numbers: the comparison above can fail.
+    other = module_masks(draw_random16(spectrum_seed(5, "other"), passes, pred.layout), pred.layout, pred.threshold)
+    with torch.no_grad():
+        moved, _ = net.forward_with_masks(torch.from_numpy(flux[:1]).repeat(passes, 1), other)
+    assert not np.allclose(out[0], moved.numpy(), rtol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------

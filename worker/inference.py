@@ -212,6 +212,21 @@ CPU_GROUP_ROWS = 64
 """CPU: the fewest spectrum-passes one forward call carries when a spectrum alone has fewer."""
 
 
+def module_masks(randoms: tuple[torch.Tensor, ...], layout: MaskLayout, threshold: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The dropout masks a spectrum's random numbers (:func:`draw_random16`, P passes) stand
+    for, in the network module's layout, for :meth:`ApogeeDistBCNN.forward_with_masks`:
+    conv1 output (P, 2, 7514), flattened pooling (P, 7512), dense_1 output (P, 192); bool.
+
+    The fast path keeps unit i of pass p when its 16-bit number is >= ``threshold``; the conv2
+    input is laid out channel-last on padded positions (pixel j at position margin + j).
+    """
+    r1, r2, r3 = randoms
+    passes = r1.shape[0]
+    conv1 = r1.view(passes, layout.n_pos, layout.c1)[:, layout.margin : layout.margin + layout.n_pixels]
+    return (conv1.permute(0, 2, 1) >= threshold, r2[:, : layout.n_flat] >= threshold, r3 >= threshold)
+
+
 class Predictor:
     """MC-dropout predictions of one loaded model.
 

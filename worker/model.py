@@ -83,6 +83,11 @@ class BCNNConfig:
         return self.n_pooled * self.filters[1]
 
 
+DropoutMasks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""Kept units of the three dropout layers: conv1 output (B, 2, 7514), flattened pooling
+(B, 7512), dense_1 output (B, 192); bool."""
+
+
 class ApogeeDistBCNN(nn.Module):
     """The astroNN distance BCNN; ``forward`` returns (fakemag, log variance) in label-std units.
 
@@ -117,18 +122,39 @@ class ApogeeDistBCNN(nn.Module):
         log_var = self.dense_var(h).squeeze(-1)  # (B,)
         return out, log_var
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """What both heads read: dense_2's activations (B, 64), after every dropout."""
+    def features(self, x: torch.Tensor, keep: DropoutMasks | None = None) -> torch.Tensor:
+        """What both heads read: dense_2's activations (B, 64), after every dropout.
+
+        keep: explicit dropout masks (kept units True) instead of nn.Dropout's random ones;
+        kept units are scaled by 1 / (1 - rate) either way (inverted dropout).
+        """
         dtype = self.conv1.weight.dtype
+        drop = self.dropout if keep is None else None
+        scale = 1.0 / (1.0 - self.config.dropout_rate)
+
+        def dropout(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            return drop(h) if drop is not None else h * mask.to(h.dtype) * scale  # type: ignore[union-attr]
+
+        k1, k2, k3 = keep if keep is not None else (None, None, None)
         # The mean is subtracted in float64 (it is stored so), as SDSS-V subtracts it in numpy.
         h = (x.to(torch.float64) - self.input_mean).to(dtype).unsqueeze(1)  # (B, 1, 7514)
-        h = self.dropout(F.relu(self.conv1(F.pad(h, self.same_pad))))  # (B, 2, 7514)
+        h = dropout(F.relu(self.conv1(F.pad(h, self.same_pad))), k1)  # (B, 2, 7514)
         h = F.relu(self.conv2(F.pad(h, self.same_pad)))  # (B, 4, 7514)
         h = F.max_pool1d(h, self.config.pool_length)  # (B, 4, 1878)
         h = h.permute(0, 2, 1).flatten(1)  # (B, 7512), Keras channel-last order: t * 4 + c
-        h = self.dropout(h)
-        h = self.dropout(F.relu(self.dense_1(h)))  # (B, 192)
+        h = dropout(h, k2)
+        h = dropout(F.relu(self.dense_1(h)), k3)  # (B, 192)
         return F.relu(self.dense_2(h))  # (B, 64)
+
+    def forward_with_masks(self, x: torch.Tensor, keep: DropoutMasks) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plain reference forward with given dropout masks: (out (B,), log_var (B,)).
+
+        keep: (conv1 output (B, 2, 7514), flattened pooling (B, 7512), dense_1 output (B, 192)),
+        bool. worker.inference's fast path must give the same numbers for the same masks
+        (tests/test_inference.py); this is the readable definition it is checked against.
+        """
+        h = self.features(x, keep)
+        return F.softplus(self.dense_output(h)).squeeze(-1), self.dense_var(h).squeeze(-1)
 
 
 class CheckpointError(Exception):
