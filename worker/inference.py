@@ -260,7 +260,7 @@ class Predictor:
         self.seed = int(seed)
         self.device = model.device
         net = model.net
-        self.layout = lay = MaskLayout.of(net)
+        self.layout = MaskLayout.of(net)
         rate = float(net.config.dropout_rate)
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"dropout rate {rate} must be in [0, 1)")

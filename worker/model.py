@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
