@@ -10,8 +10,10 @@ python3 -m venv .venv 2>/dev/null || true
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 py=.venv/bin/python
 "$py" -m pip install --quiet --upgrade pip
-# torch first and pinned: a CPU wheel of 2.13.0 is on this machine's disk (pip's find-links);
-# any other version would download gigabytes of CUDA packages.
+# torch first and pinned (pyproject.toml pins it too). Where pip is configured with a local CPU
+# wheel of 2.13.0 it takes that one; elsewhere PyPI's default Linux build of torch includes CUDA
+# (gigabytes): for a small CPU-only install, install PyTorch's CPU build of 2.13.0 into .venv
+# first (see README, Installing), and this step keeps it.
 "$py" -m pip install --quiet "torch==2.13.0"
 case "$extras" in
   test) "$py" -m pip install --quiet -e ".[test,reference,postgres,bench]" ;;
