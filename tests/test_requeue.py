@@ -93,7 +93,7 @@ def test_requeued_message_carries_the_first_inputs(
     from worker.model import load_model
     from worker.contract import SpectrumRequest
     from worker.results import make_engine, migrate
-    from worker.tasks import process_chunk
+    from worker.chunks import process_chunk
 
     model = build_checkpoint(tmp_path / "random-dr17.pt")
     engine = make_engine(sqlite_url)

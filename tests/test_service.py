@@ -25,7 +25,7 @@ from _service import (  # tests/ is on sys.path
     worker_env,
 )
 from worker.distance import FLAG_NO_RESULT
-from worker.tasks import DELIVERY_KEY
+from worker.state import DELIVERY_KEY
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(300)]
 

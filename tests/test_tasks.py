@@ -227,7 +227,7 @@ def test_importing_the_app_does_not_import_torch_or_the_task() -> None:
 
 
 def test_retry_countdown_grows_is_jittered_and_stays_below_the_visibility_timeout() -> None:
-    from worker.tasks import RETRY_BACKOFF_BASE_S, retry_countdown
+    from worker.decide import RETRY_BACKOFF_BASE_S, retry_countdown
 
     for retries in range(12):
         values = [retry_countdown(retries, 1800) for _ in range(200)]
@@ -238,7 +238,7 @@ def test_retry_countdown_grows_is_jittered_and_stays_below_the_visibility_timeou
 
 
 def test_device_for_process() -> None:
-    from worker.tasks import device_for_process
+    from worker.state import device_for_process
 
     assert [device_for_process("cuda:0,cuda:1", i, 2) for i in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
     assert [device_for_process("cuda", i, 4) for i in range(5)] == [f"cuda:{i % 4}" for i in range(5)]
@@ -278,7 +278,7 @@ def test_plan_worker() -> None:
 def test_database_unavailable_is_told_from_other_errors(tmp_path: Path) -> None:
     import sqlalchemy as sa
 
-    from worker.tasks import database_unavailable
+    from worker.decide import database_unavailable
 
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.sqlite'}")
     with pytest.raises(sa.exc.OperationalError) as unreachable:
@@ -344,7 +344,7 @@ def test_process_chunk_writes_one_row_per_spectrum(
 ) -> None:
     from worker.distance import FLAG_MISSING_EXTINCTION, FLAG_NO_RESULT
     from worker.messages import InvalidSpectrum
-    from worker.tasks import process_chunk
+    from worker.chunks import process_chunk
 
     invalid = [
         InvalidSpectrum(4, "typo", "/x.fits", "invalid message entry 4: unknown key(s) kmag"),
@@ -381,7 +381,7 @@ def test_process_chunk_writes_all_rows_or_none(
 ) -> None:
     import sqlalchemy as sa
 
-    from worker.tasks import process_chunk
+    from worker.chunks import process_chunk
 
     # A database that refuses one of the rows (as a constraint would): nothing is written.
     if engine.dialect.name == "sqlite":
@@ -407,7 +407,7 @@ def test_out_of_memory_splits_the_batch(predictor, sqlite_url: str, apstar_files
     halves until it fits, and every spectrum gets the numbers it gets in one batch."""
     from worker.inference import Predictor
     from worker.results import make_engine, migrate
-    from worker.tasks import process_chunk
+    from worker.chunks import process_chunk
 
     class SmallMemoryPredictor(Predictor):
         def predict(self, norm_flux, spectrum_ids):
@@ -435,7 +435,7 @@ def test_a_single_spectrum_out_of_memory_is_raised_and_nothing_written(
 ) -> None:
     from worker.inference import Predictor
     from worker.results import make_engine, migrate
-    from worker.tasks import process_chunk
+    from worker.chunks import process_chunk
 
     class NoMemoryPredictor(Predictor):
         def predict(self, norm_flux, spectrum_ids):

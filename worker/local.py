@@ -4,7 +4,7 @@ A worker's pool is one process per core on the CPU (one torch thread each) or on
 (:func:`worker.serve.plan_worker`), because one process's reading, normalization and database
 writes hold its GIL while its inference threads wait. ``run`` uses the same plan: each process
 loads the model once, takes chunks from the parent and writes their rows itself through
-:func:`worker.tasks.process_chunk` (the task's body), exactly as a pool process would; the
+:func:`worker.chunks.process_chunk` (the task's body), exactly as a pool process would; the
 parent only hands out chunks and counts. Processes are spawned, not forked, so no process
 inherits a CUDA context (nor the parent's torch threads).
 
@@ -29,7 +29,7 @@ from worker.config import Settings
 if TYPE_CHECKING:
     from worker.contract import SpectrumRequest
     from worker.serve import WorkerPlan
-    from worker.tasks import ChunkOutcome
+    from worker.chunks import ChunkOutcome
 
 
 @dataclass
@@ -82,7 +82,7 @@ def _start(settings: Settings, plan: WorkerPlan, index: Any) -> tuple[str, str]:
     from worker.inference import Predictor, resolve_device
     from worker.model import load_model
     from worker.results import make_engine
-    from worker.tasks import device_for_process
+    from worker.state import device_for_process
 
     if hasattr(index, "get_lock"):  # a shared counter: this process takes the next index
         with index.get_lock():
@@ -103,7 +103,7 @@ def _start(settings: Settings, plan: WorkerPlan, index: Any) -> tuple[str, str]:
 
 def _chunk(requests: list[SpectrumRequest], run_id: str) -> tuple[ChunkOutcome, int]:
     """One chunk through the task's body: (its outcome, the process that ran it)."""
-    from worker.tasks import process_chunk
+    from worker.chunks import process_chunk
 
     outcome = process_chunk(requests, predictor=_STATE["predictor"], engine=_STATE["engine"],
                             task_id=run_id, attempts=1, host=_STATE["host"])
