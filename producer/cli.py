@@ -164,9 +164,9 @@ def _engine(url: str, *, create: bool = False) -> Engine:
 
 
 def _has_table(engine: Engine) -> bool:
-    import sqlalchemy as sa
+    from worker.results import has_table
 
-    return sa.inspect(engine).has_table("astro_nn_dist")
+    return has_table(engine)
 
 
 def _gather(paths: Sequence[str] | None, catalog: Path | None) -> list[SpectrumRequest]:
@@ -204,19 +204,9 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def _rows_for(engine: Engine, model_id: str, spectrum_ids: Sequence[str]) -> list[dict[str, Any]]:
     """The results rows of ``spectrum_ids`` for ``model_id``, in the order of the ids."""
-    import sqlalchemy as sa
+    from worker.results import rows_for
 
-    from worker.results import astro_nn_dist as table
-
-    rows: dict[str, dict[str, Any]] = {}
-    with engine.connect() as conn:
-        for start in range(0, len(spectrum_ids), 500):
-            query = sa.select(table).where(
-                table.c.model_id == model_id,
-                table.c.spectrum_id.in_(list(spectrum_ids[start : start + 500])),
-            )
-            rows.update({r.spectrum_id: dict(r._mapping) for r in conn.execute(query)})
-    return [rows[i] for i in spectrum_ids if i in rows]
+    return rows_for(engine, model_id, spectrum_ids)
 
 
 def _results_table(rows: Sequence[dict[str, Any]], limit: int = TABLE_ROWS) -> Table:

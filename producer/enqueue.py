@@ -88,11 +88,10 @@ def split_done(
 
     A database without the results table yet has nothing done.
     """
-    import sqlalchemy as sa
+    from worker.results import existing_spectrum_ids, has_table
 
-    if not sa.inspect(engine).has_table("astro_nn_dist"):
+    if not has_table(engine):
         return list(requests), []
-    from worker.results import existing_spectrum_ids
 
     done = existing_spectrum_ids(engine, model_id, [r.spectrum_id for r in requests])
     todo = [r for r in requests if r.spectrum_id not in done]

@@ -47,7 +47,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -127,26 +126,9 @@ class WatchState:
 
 def rows_created(engine: Engine, model_id: str, spectrum_ids: Sequence[str]) -> dict[str, float]:
     """spectrum_id -> when its row for ``model_id`` was written [s since the epoch, UTC]."""
-    import sqlalchemy as sa
+    from worker.results import created_times
 
-    from worker.results import astro_nn_dist as table
-
-    out: dict[str, float] = {}
-    if not spectrum_ids:
-        return out
-    with engine.connect() as conn:
-        for start in range(0, len(spectrum_ids), 500):  # bounded IN lists (SQLite: 32766 vars)
-            batch = list(spectrum_ids[start : start + 500])
-            query = sa.select(table.c.spectrum_id, table.c.created).where(
-                table.c.model_id == model_id, table.c.spectrum_id.in_(batch)
-            )
-            for spectrum_id, created in conn.execute(query):
-                if created is None:
-                    continue
-                if created.tzinfo is None:  # stored naive: the table's convention is UTC
-                    created = created.replace(tzinfo=timezone.utc)
-                out[spectrum_id] = created.timestamp()
-    return out
+    return {sid: t.timestamp() for sid, t in created_times(engine, model_id, spectrum_ids).items()}
 
 
 @dataclass
@@ -328,9 +310,9 @@ class Watcher:
         if self.engine is None:
             return False
         if not self._table_seen:
-            import sqlalchemy as sa
+            from worker.results import has_table
 
-            self._table_seen = sa.inspect(self.engine).has_table("astro_nn_dist")
+            self._table_seen = has_table(self.engine)
         return self._table_seen
 
     def _reconcile(self, candidates: dict[str, _Candidate], now: float) -> int:

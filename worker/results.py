@@ -473,6 +473,34 @@ def existing_spectrum_ids(engine: Engine | Connection, model_id: str, spectrum_i
     return found
 
 
+def has_table(engine: Engine | Connection) -> bool:
+    """Whether the results table exists (before ``migrate``, nothing is done)."""
+    with _reading(engine) as conn:
+        return sa.inspect(conn).has_table(TABLE_NAME)
+
+
+def rows_for(engine: Engine | Connection, model_id: str, spectrum_ids: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of ``spectrum_ids`` for ``model_id`` as dicts, in the order of the ids (ids
+    without a row are left out)."""
+    rows: dict[str, dict[str, Any]] = {}
+    with _reading(engine) as conn:
+        for among in _key_chunks(conn, list(dict.fromkeys(spectrum_ids))):
+            query = sa.select(astro_nn_dist).where(astro_nn_dist.c.model_id == model_id, among)
+            rows.update((r.spectrum_id, dict(r._mapping)) for r in conn.execute(query))
+    return [rows[i] for i in spectrum_ids if i in rows]
+
+
+def created_times(engine: Engine | Connection, model_id: str, spectrum_ids: Sequence[str]) -> dict[str, datetime]:
+    """spectrum_id -> when its row for ``model_id`` was last written (aware, UTC)."""
+    out: dict[str, datetime] = {}
+    with _reading(engine) as conn:
+        for among in _key_chunks(conn, list(dict.fromkeys(spectrum_ids))):
+            query = sa.select(astro_nn_dist.c.spectrum_id, astro_nn_dist.c.created).where(
+                astro_nn_dist.c.model_id == model_id, among)
+            out.update((sid, created) for sid, created in conn.execute(query) if created is not None)
+    return out
+
+
 @contextmanager
 def _reading(target: Engine | Connection) -> Iterator[Connection]:
     if isinstance(target, Connection):
