@@ -17,7 +17,7 @@ from producer.cli import _flag_text
 from producer.enqueue import model_id_of
 from worker.config import QUEUE
 
-from _service import run_cli  # noqa: E402  (tests/ is on sys.path)
+from _service import run_cli, wait_for  # noqa: E402  (tests/ is on sys.path)
 from test_producer import queued_messages  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -239,7 +239,6 @@ def test_produce_then_worker_end_to_end(capsys, redis_url: str, sqlite_url: str,
     serves its metrics on 127.0.0.1 only (--metrics-addr), its start-up log is clean, SIGTERM
     stops it cleanly."""
     import signal
-    import time
     import urllib.request
 
     from _servers import free_port, listening_addresses  # tests/ is on sys.path
@@ -257,26 +256,25 @@ def test_produce_then_worker_end_to_end(capsys, redis_url: str, sqlite_url: str,
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        deadline = time.time() + 240
-        rows: list[dict] = []
-        while time.time() < deadline and worker.poll() is None:
+        def written() -> list[dict]:
+            assert worker.poll() is None, "the worker exited"
             try:
                 rows = _rows(sqlite_url)
             except sa.exc.OperationalError:  # the worker has not created the table yet
-                rows = []
-            if len(rows) == 2:
-                break
-            time.sleep(0.5)
+                return []
+            return rows if len(rows) == 2 else []
+
+        rows = wait_for(written, 240, "the worker's 2 rows")
         assert [r["spectrum_id"] for r in rows] == [f.name for f in apstar_files]
         assert all(r["mc_passes"] == 10 and r["model_id"] == model_id_of(random_model) for r in rows)
         assert redis.Redis.from_url(redis_url).llen(QUEUE) == 0
         counted = 'astronn_dist_spectra_total{outcome="result"} 2.0'
-        for _ in range(60):  # the rows are committed before they are counted
-            metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-            if counted in metrics:
-                break
-            time.sleep(0.5)
-        assert counted in metrics, metrics
+
+        def scraped() -> str:  # the rows are committed before they are counted
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+            return text if counted in text else ""
+
+        wait_for(scraped, 30, "the rows counted in the metrics")
         assert listening_addresses(metrics_port) == {"127.0.0.1"}  # not 0.0.0.0, the default
     finally:
         worker.send_signal(signal.SIGTERM)
