@@ -20,6 +20,7 @@ optional ``/ comment``; the data follow the header, big-endian, ``|BITPIX| / 8``
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -38,6 +39,14 @@ _STRUCTURE = ("SIMPLE", "XTENSION", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXI
               "GCOUNT", "BSCALE", "BZERO", "BLANK", "EXTEND", "GROUPS", "EXTNAME", "EXTVER",
               "EXTLEVEL", "BUNIT", "INHERIT", "CHECKSUM", "DATASUM", "ZIMAGE", "ZTABLE")
 _PRINTABLE = bytes(range(0x20, 0x7F))
+# Every keyword field (bytes 1-8 of a card) as the standard writes it: upper-case letters,
+# digits, '-' and '_', left-justified, or blank. astropy also reads lower-case, shifted and
+# HIERARCH keywords (and would then find, e.g., a 'k' card as K): such headers are declined.
+_KEYWORD_FIELDS = re.compile(
+    rb"(?:" + b"|".join(rb"[A-Z0-9_-]{%d}" % k + b" " * (8 - k) for k in range(8, -1, -1)) + rb")*"
+)
+MAX_HEADER_BLOCKS = 100
+"""A longer header (360 cards and more) is left to astropy: no apStar file has one."""
 _END_CARD = b"END" + b" " * 77
 # A value as the standard's fixed or free format writes it; anything else (complex numbers,
 # CONTINUE'd strings, undefined values) makes the reader decline.
@@ -62,7 +71,9 @@ def _parse(field: bytes) -> Any:
     if match is None:
         return None
     if match["str"] is not None:
-        text = match["str"][1:-1].replace(b"''", b"'").decode("ascii").rstrip()
+        if b"''" in match["str"]:
+            return None  # an escaped quote: where the string ends is astropy's call
+        text = match["str"][1:-1].decode("ascii").rstrip()
         return None if text.endswith("&") else text  # '&': a long string CONTINUEd: decline
     if match["bool"] is not None:
         return match["bool"] == b"T"
@@ -113,19 +124,27 @@ class _File:
         """The header at ``offset`` (up to and including its END card) and where its data
         start; None when it is malformed or runs past the end of the file."""
         chunk = self.read(offset, min(first, self.size - offset) // BLOCK * BLOCK)
-        while chunk:
-            end = chunk.find(_END_CARD)
+        blocks, searched = ([chunk] if chunk else []), 0
+        while blocks:
+            text = blocks[0] if len(blocks) == 1 else b"".join(blocks)
+            if len(text) > MAX_HEADER_BLOCKS * BLOCK:
+                return None
+            end = text.find(_END_CARD, searched)  # only the blocks not searched yet
             while end >= 0 and end % CARD:
-                end = chunk.find(_END_CARD, end + 1)
+                end = text.find(_END_CARD, end + 1)
             if end >= 0:
-                header = chunk[: end + CARD]
+                header = text[: end + CARD]
                 if header.translate(None, _PRINTABLE):  # a byte outside ASCII 0x20-0x7E
                     return None
+                names = np.frombuffer(header, dtype="S80").astype("S8").tobytes()
+                if not _KEYWORD_FIELDS.fullmatch(names) or b"HIERARCH" in names:
+                    return None
                 return header, offset + (end // BLOCK + 1) * BLOCK
-            more = self.read(offset + len(chunk), BLOCK)
+            searched = len(text)  # blocks are whole cards: an END card lies in one block
+            more = self.read(offset + len(text), BLOCK)
             if more is None:
                 return None
-            chunk += more
+            blocks = [text, more]
         return None
 
 
@@ -166,7 +185,7 @@ def _row0(f: _File, layout: tuple[np.dtype, tuple[int, ...]] | None, data_at: in
     if layout is None:
         return None
     dtype, axes = layout
-    values = int(np.prod(axes)) if axes else 0
+    values = math.prod(axes) if axes else 0  # exact: np.prod would wrap around
     next_hdu = data_at + -(-values * dtype.itemsize // BLOCK) * BLOCK
     if next_hdu > f.size or not axes or axes[0] != n_pixels or values == 0:
         return None  # past the end, no data, or not a spectrum's width: astropy words it
@@ -200,7 +219,7 @@ def read_rows(path: str, n_pixels: int, keys: tuple[str, ...]
             return None
         values = {k: cards[k] for k in keys if k in cards}
         dtype, axes = layout
-        offset = data_at + -(-int(np.prod(axes)) * dtype.itemsize // BLOCK) * BLOCK if axes else data_at
+        offset = data_at + -(-math.prod(axes) * dtype.itemsize // BLOCK) * BLOCK if axes else data_at
         if offset > f.size:
             return None
         images = []
