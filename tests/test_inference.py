@@ -355,3 +355,25 @@ def test_cuda_matches_cpu(flux, tmp_path):
     ref = Predictor(load_model(path), mc_passes=100, seed=0).predict(flux, ids)
     rel = (full.fakemag - ref.fakemag) / ref.fakemag_err
     assert abs(rel.mean()) < 0.1 and np.median(np.abs(np.log(full.fakemag_err / ref.fakemag_err))) < 0.1
+
+
+@pytest.mark.parametrize("passes", [2, 20, 100])
+def test_numbers_do_not_depend_on_the_batch_nor_the_threads(model, flux, passes: int):
+    """A spectrum alone or in a batch, with 1-3 worker threads, under 1 or 2 torch threads:
+    the same bits (every product runs in a worker thread, one intra-op thread, fixed parts)."""
+    ids = [f"s{i}" for i in range(len(flux[:40]))]
+    threads_before = torch.get_num_threads()
+    seen = []
+    try:
+        for torch_threads in (1, 2):
+            torch.set_num_threads(torch_threads)
+            for threads in (1, 2, 3):
+                pred = Predictor(model, mc_passes=passes, seed=3, threads=threads)
+                alone = pred.sample(flux[5:6], ids[5:6])[0][0]
+                in_batch = pred.sample(flux[:40], ids)[0][5]
+                pred.close()
+                seen += [alone, in_batch]
+    finally:
+        torch.set_num_threads(threads_before)
+    for other in seen[1:]:
+        np.testing.assert_array_equal(other, seen[0])

@@ -208,6 +208,9 @@ def draw_random16(seed: int, n_passes: int, layout: MaskLayout,
 MASK_RNG_CPU = "numpy-SFC64"
 MASK_RNG_CUDA = "torch-cuda-Philox4x32-10"
 
+CPU_PASS_PART = 50
+"""CPU: the most passes of one spectrum in one forward call (100 passes: two parts)."""
+
 CPU_GROUP_ROWS = 64
 """CPU: the fewest spectrum-passes one forward call carries when a spectrum alone has fewer."""
 
@@ -240,9 +243,10 @@ class Predictor:
         Global seed; with a spectrum's id it seeds that spectrum's masks.
     threads
         CPU only: single-threaded workers, one spectrum at a time each (default
-        ``torch.get_num_threads()``, the cores PyTorch uses). 1 runs everything in the
-        calling thread (with its intra-op threads). Several worker processes on one machine
-        should share the cores out (e.g. 4 processes x ``threads=4`` on 16 cores).
+        ``torch.get_num_threads()``, the cores PyTorch uses). The numbers do not depend on it:
+        every product runs in a worker thread with one intra-op thread, in fixed parts.
+        Several worker processes on one machine should share the cores out (e.g. 4 processes x
+        ``threads=4`` on 16 cores).
     pass_tile
         CPU only: passes per tile of the convolution stage (cache-sized buffers).
     max_rows
@@ -270,19 +274,20 @@ class Predictor:
         self.keep_probability = 1.0 - drop_levels / RANDOM_LEVELS
         self.threads = max(1, int(threads if threads is not None else torch.get_num_threads()))
         self.pass_tile = max(1, int(pass_tile))
-        # CPU: a spectrum's passes always run in these same parts (one forward call each),
-        # whatever the batch holds. Matrix products of other row counts may round
-        # differently (MKL picks kernels by shape), so a fixed split is what keeps a
-        # spectrum's numbers identical in any batch; the parts also let several workers share
-        # one spectrum when a batch has fewer spectra than workers.
+        # CPU: a spectrum's passes always run in the same parts of CPU_PASS_PART passes (one
+        # forward call each), whatever the batch holds and however many threads there are, in
+        # the worker threads (one intra-op thread each). Products of other row counts, or split
+        # over more threads, may round differently (MKL picks kernels by shape), so fixed parts
+        # and one thread per product keep a spectrum's numbers identical in any batch and on any
+        # CPU thread count; the parts also let workers share one spectrum when a batch has
+        # fewer spectra than workers.
         # CPU, few passes: the dense layers' weights (5.8 MB) would be streamed from memory for
         # every spectrum's handful of rows, a fixed cost per spectrum larger than the arithmetic.
         # So spectra go through in groups of a fixed size (partial groups padded), giving every
         # matrix product at least CPU_GROUP_ROWS rows; at 100 passes a group is one spectrum.
         self.cpu_group = max(1, CPU_GROUP_ROWS // self.mc_passes)
-        edges = np.linspace(0, self.mc_passes, min(self.threads, self.mc_passes) + 1)
-        edges = edges.round().astype(int)
-        self._pass_parts = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+        self._pass_parts = [(p0, min(self.mc_passes, p0 + CPU_PASS_PART))
+                            for p0 in range(0, self.mc_passes, CPU_PASS_PART)]
         # Rows (spectrum x pass) per block of work on a GPU: bounds its memory (~0.4 MB a row).
         self.max_rows = int(max_rows or 4096)
         self._pool: ThreadPoolExecutor | None = None
@@ -530,21 +535,13 @@ class Predictor:
     def _sample_cpu(self, hp: torch.Tensor, seeds: list[int], out: np.ndarray,
                     log_var: np.ndarray) -> None:
         n = len(seeds)
+        # Always in the worker threads, never the caller's (whose torch threads are its own).
+        pool = self._worker_pool()
         if self.cpu_group > 1:
             starts = range(0, n, self.cpu_group)
-            if self.threads == 1 or len(starts) == 1:
-                for start in starts:
-                    self._group(hp, seeds, start, out, log_var)
-                return
-            pool = self._worker_pool()
             for job in [pool.submit(self._group, hp, seeds, s, out, log_var) for s in starts]:
                 job.result()
             return
-        if self.threads == 1:
-            for i in range(n):
-                self._one_spectrum(hp[i], seeds[i], out[i], log_var[i])
-            return
-        pool = self._worker_pool()
         if n >= self.threads:  # one spectrum per job: everything stays in one core's cache
             jobs = [pool.submit(self._one_spectrum, hp[i], seeds[i], out[i], log_var[i])
                     for i in range(n)]
