@@ -66,7 +66,7 @@ from worker.config import (
     QUEUE,
     Settings,
 )
-from worker.serve import MAX_CPU_PROCESSES
+from worker.serve import MAX_CPU_PROCESSES, MAX_PROCESSES_PER_GPU
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -330,7 +330,7 @@ def run(
     processes: Annotated[
         Optional[int],
         typer.Option(min=1, help="Processes, as a worker's pool (default: one per core, at most "
-                     "8 on the CPU or per GPU; a job of one chunk runs in this process)."),
+                     "8 on the CPU or 4 per GPU; a job of one chunk runs in this process)."),
     ] = None,
 ) -> None:
     """Process spectra here and now, with no server (results in a SQLite file by default).
@@ -365,7 +365,7 @@ def run(
         f"{len(todo)} to process"
     )
     t0 = time.perf_counter()
-    working_s = _process_here(todo, settings, chunk_size, processes) if todo else 0.0
+    working_s = _process_here(todo, settings, chunk_size, processes, engine) if todo else 0.0
     seconds = time.perf_counter() - t0
     rows = _rows_for(engine, model_id, [r.spectrum_id for r in requests])
     engine.dispose()
@@ -418,7 +418,8 @@ def _run_problem(n_todo: int, this_run: Sequence[dict[str, Any]]) -> str | None:
 
 
 def _process_here(
-    todo: Sequence[SpectrumRequest], settings: Settings, chunk_size: int, processes: int | None
+    todo: Sequence[SpectrumRequest], settings: Settings, chunk_size: int, processes: int | None,
+    engine: Engine,
 ) -> float:
     """Run the chunks through the task body in processes planned as a worker's pool
     (worker.local), with a progress bar. Returns the seconds from the model being loaded to
@@ -436,16 +437,16 @@ def _process_here(
 
         def started(run: Any) -> None:
             loaded_at[0] = time.perf_counter()
-            n = min(plan.concurrency, -(-len(todo) // chunk_size))
+            n, threads = run.processes, run.threads
             progress.console.print(
                 f"model {run.model_id} on {', '.join(run.devices)}, {settings.mc_passes} MC passes, "
                 f"seed {settings.seed}; {n} process{'es' if n > 1 else ''} x "
-                f"{plan.threads_per_process} thread{'s' if plan.threads_per_process > 1 else ''}",
+                f"{threads} thread{'s' if threads > 1 else ''}",
                 soft_wrap=True,
             )
 
         run_local(todo, settings, chunk_size=chunk_size, plan=plan, on_start=started,
-                  on_chunk=lambda outcome: progress.advance(task, outcome.spectra))
+                  on_chunk=lambda outcome: progress.advance(task, outcome.spectra), engine=engine)
     return time.perf_counter() - loaded_at[0]
 
 
@@ -540,7 +541,8 @@ def worker(
         Optional[int],
         typer.Option(
             min=1,
-            help=f"Pool processes (default: one per core, at most {MAX_CPU_PROCESSES} on the CPU or per GPU).",
+            help=f"Pool processes (default: one per core, at most {MAX_CPU_PROCESSES} on the CPU "
+            f"or {MAX_PROCESSES_PER_GPU} per GPU).",
         ),
     ] = None,
     model: ModelOpt = None,

@@ -116,3 +116,24 @@ def test_status_and_export_say_how_rows_were_computed(
     cli("export", str(tmp_path / "rows.csv"), "--db", sqlite_url)
     table = Table.read(tmp_path / "rows.csv")
     assert list(table["device"]) == ["cpu", "cpu"] and set(table["mask_rng"]) == {"numpy-SFC64"}
+
+
+def test_a_bad_checkpoint_in_the_processes_is_one_line(
+    capsys: pytest.CaptureFixture, model: Path, apstar_files: list[Path], sqlite_url: str,
+    tmp_path: Path,
+) -> None:
+    """The processes' model loading fails: the parent says why, in one line, exit 2 (not a
+    broken pool's traceback)."""
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(model.read_bytes()[:1000])
+    paths = [e["path"] for e in spectra_farm(apstar_files, tmp_path / "spectra", 4)]
+    code, out, err = run_cli(capsys, "run", *paths, "--model", str(corrupt), "--db", sqlite_url,
+                             "--chunk-size", "1", "--processes", "2", "--device", "cpu")
+    assert code == 2 and str(corrupt) in err and "Traceback" not in err + out, out + err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_run_on_an_in_memory_database(capsys: pytest.CaptureFixture, model: Path, apstar_files: list[Path]) -> None:
+    code, out, err = run_cli(capsys, "run", *map(str, apstar_files), "--model", str(model),
+                             "--db", "sqlite://", "--mc-passes", "2")
+    assert code == 0 and "2 spectra processed in this run" in out, out + err

@@ -257,16 +257,16 @@ def test_plan_worker() -> None:
     assert plan_worker("cpu", None, n_gpus=0, cores=1).concurrency == 1
     assert plan_worker("cpu", 4, n_gpus=2, cores=16).threads_per_process == 4
     assert plan_worker("cpu", 32, n_gpus=0, cores=16).threads_per_process == 1
-    # GPUs: the cores prepare, several processes per GPU share it (one per core, at most 8).
+    # GPUs: the cores prepare, several processes per GPU share it (one per core, at most 4).
     gpus = plan_worker("auto", None, n_gpus=4, cores=16)
     assert (gpus.device, gpus.concurrency, gpus.threads_per_process) == (
         "cuda:0,cuda:1,cuda:2,cuda:3", 16, 1
     )
     h200 = plan_worker("auto", None, n_gpus=1, cores=16)
-    assert (h200.device, h200.concurrency, h200.threads_per_process) == ("cuda:0", 8, 2)
+    assert (h200.device, h200.concurrency, h200.threads_per_process) == ("cuda:0", 4, 4)
     assert plan_worker("cuda", 3, n_gpus=2, cores=16).concurrency == 3
     one = plan_worker("cuda:1", None, n_gpus=2, cores=8)
-    assert (one.device, one.concurrency) == ("cuda:1", 8)
+    assert (one.device, one.concurrency) == ("cuda:1", 4)
     with pytest.raises(ValueError, match="no CUDA device is visible"):
         plan_worker("cuda", None, n_gpus=0, cores=4)
     with pytest.raises(ValueError, match="only 2 CUDA device"):

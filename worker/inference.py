@@ -10,7 +10,8 @@ inverted scaling 1/0.7), then per spectrum::
 How, fast (each step is the same arithmetic as the reference, in another order):
 
 1. conv1 and its ReLU come before the first dropout, so they are computed once per spectrum,
-   not once per pass. (As a small matmul on an unfolded view: no cuDNN, so no TF32 on GPUs.)
+   not once per pass. (As eight shifted multiply-adds per channel: no cuDNN, so no TF32 on
+   GPUs, and 6-8x faster on the CPU than conv1d or an unfolded product.)
 2. The passes are folded into the batch dimension: a spectrum's 100 passes are 100 rows.
 3. conv2 (2 -> 4 channels, 8 taps) is a 32 x 32 matrix product: the padded, channel-last
    input of each pass is cut into chunks of 16 positions x 2 channels, and each chunk gives
@@ -427,7 +428,7 @@ class Predictor:
         lay = self.layout
         n = flux.shape[0]
         out = torch.zeros(n, lay.n_pos, lay.c1, dtype=torch.float32, device=flux.device)
-        for start in range(0, n, 512):  # bounds the unfolded copy (512 x 7514 x 8 floats)
+        for start in range(0, n, 512):  # bounds the float64 temporaries (512 x 7514)
             x = (flux[start : start + 512] - self.input_mean).to(torch.float32)  # (n, 7514)
             padded = F.pad(x, self.same_pad)  # (n, 7521)
             h = torch.empty(x.shape[0], lay.c1, lay.n_pixels, dtype=torch.float32, device=x.device)

@@ -27,9 +27,11 @@ from typing import TYPE_CHECKING, Any
 from worker.config import Settings
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+    from worker.chunks import ChunkOutcome
     from worker.contract import SpectrumRequest
     from worker.serve import WorkerPlan
-    from worker.chunks import ChunkOutcome
 
 
 @dataclass
@@ -53,6 +55,8 @@ class LocalRun:
     plan: WorkerPlan
     model_id: str
     devices: tuple[str, ...]
+    processes: int  # processes that run chunks (1: this one)
+    threads: int  # the predictor's CPU workers in each
 
 
 def plan_local(settings: Settings, processes: int | None) -> WorkerPlan:
@@ -75,8 +79,13 @@ def plan_local(settings: Settings, processes: int | None) -> WorkerPlan:
 _STATE: dict[str, Any] = {}
 
 
-def _start(settings: Settings, plan: WorkerPlan, index: Any) -> tuple[str, str]:
-    """Load the model and open the database in this process; returns (model_id, device)."""
+def _start(settings: Settings, plan: WorkerPlan, index: Any, *, threads: int | None = None,
+           engine: Engine | None = None) -> tuple[str, str]:
+    """Load the model and open the database in this process; returns (model_id, device).
+
+    threads: the predictor's CPU workers; None (a spawned process of the plan): the plan's,
+    with as many torch threads. engine: an engine to use instead of a new one (the caller's).
+    """
     import torch
 
     from worker.inference import Predictor, resolve_device
@@ -88,14 +97,16 @@ def _start(settings: Settings, plan: WorkerPlan, index: Any) -> tuple[str, str]:
         with index.get_lock():
             index.value += 1
             index = index.value - 1
-    torch.set_num_threads(plan.threads_per_process)
+    if threads is None:  # a process of its own: its torch threads are the plan's
+        torch.set_num_threads(plan.threads_per_process)
     n_gpus = torch.cuda.device_count() if "cuda" in plan.device else 0
     device = resolve_device(device_for_process(plan.device, int(index), n_gpus))
     loaded = load_model(settings.model_path, device=device)
     _STATE.update(
         predictor=Predictor(loaded, mc_passes=settings.mc_passes, seed=settings.seed,
-                            threads=plan.threads_per_process),
-        engine=make_engine(settings.database_url),
+                            threads=threads or plan.threads_per_process),
+        engine=engine if engine is not None else make_engine(settings.database_url),
+        own_engine=engine is None,
         host=socket.gethostname(),
     )
     return loaded.model_id, str(device)
@@ -115,14 +126,19 @@ def _stop() -> None:
     if predictor is not None:
         predictor.close()
     engine = _STATE.pop("engine", None)
-    if engine is not None:
+    if engine is not None and _STATE.pop("own_engine", True):
         engine.dispose()
 
 
 def _ready(settings: Settings, plan: WorkerPlan, counter: Any, barrier: Any) -> None:
-    """Pool initializer: the model is loaded before the first chunk arrives."""
-    _start(settings, plan, counter)
+    """Pool initializer: the model is loaded before the first chunk arrives. A failure (a bad
+    checkpoint, a device that will not open) is kept and raised by :func:`_identity` in the
+    parent: raised here, it would only kill the process and break the pool without a word."""
     _STATE["barrier"] = barrier
+    try:
+        _start(settings, plan, counter)
+    except Exception as exc:  # noqa: BLE001 - handed to the parent as it is
+        _STATE["error"] = exc
 
 
 def _identity() -> tuple[str, str]:
@@ -130,6 +146,8 @@ def _identity() -> tuple[str, str]:
     call per process makes the pool start them all (it would start them one at a time, as
     work waits), each loading its model in parallel with the others."""
     _STATE["barrier"].wait(timeout=600)
+    if "error" in _STATE:
+        raise _STATE["error"]
     predictor = _STATE["predictor"]
     return predictor.model_id, str(predictor.device)
 
@@ -145,10 +163,12 @@ def run_local(
     plan: WorkerPlan,
     on_start: Callable[[LocalRun], None] = lambda run: None,
     on_chunk: Callable[[ChunkOutcome], None] = lambda outcome: None,
+    engine: Engine | None = None,
 ) -> LocalReport:
     """Process ``requests`` in chunks of ``chunk_size`` and write their rows (database migrated
     beforehand). ``on_start`` is called once the model is loaded, ``on_chunk`` after each chunk's
-    rows are committed (in the calling process, in completion order).
+    rows are committed (in the calling process, in completion order). ``engine``: the
+    caller's engine for a job run in this process (an in-memory SQLite database lives in it).
 
     Returns:
         One outcome per chunk, and the processes that ran them.
@@ -162,9 +182,14 @@ def run_local(
     report = LocalReport()
     processes = min(plan.concurrency, len(chunks))
     if processes <= 1:
-        model_id, device = _start(settings, plan, 0)
+        # Here, in the calling process: every core of the plan for the predictor's workers
+        # (the numbers do not depend on it), and the caller's engine if it gave one.
+        from worker.serve import usable_cores
+
+        threads = usable_cores()
+        model_id, device = _start(settings, plan, 0, threads=threads, engine=engine)
         try:
-            on_start(LocalRun(plan, model_id, (device,)))
+            on_start(LocalRun(plan, model_id, (device,), 1, threads))
             for chunk in chunks:
                 on_chunk(report.add(_chunk(chunk, run_id)))
         finally:
@@ -178,7 +203,7 @@ def run_local(
         ready = [pool.submit(_identity) for _ in range(processes)]
         identities = [future.result() for future in ready]
         devices = tuple(sorted({device for _, device in identities}))
-        on_start(LocalRun(plan, identities[0][0], devices))
+        on_start(LocalRun(plan, identities[0][0], devices, processes, plan.threads_per_process))
         # At most two chunks queued per process: a failure stops the job early, and the
         # progress bar moves with the work done rather than the work handed out.
         pending: set = set()

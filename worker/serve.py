@@ -45,7 +45,7 @@ from worker.config import QUEUE, Settings
 log = logging.getLogger(__name__)
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-MAX_PROCESSES_PER_GPU = 8  # each holds a CUDA context and a batch (~2 GB of GPU memory)
+MAX_PROCESSES_PER_GPU = 4  # each holds a CUDA context and a batch (~2 GB of GPU memory)
 MAX_CPU_PROCESSES = 8  # default CPU pool size cap (each process holds a model: ~0.4 GB)
 
 
@@ -71,8 +71,8 @@ def usable_cores() -> int:
 def gpu_count(timeout_s: float = 120.0) -> int:
     """Number of CUDA devices torch sees, asked in a subprocess so this process never initializes
     CUDA (it will fork the pool). 0 when torch has no CUDA or the probe fails."""
-    if not glob.glob("/dev/nvidia[0-9]*") and not os.path.exists("/dev/kfd"):
-        return 0  # no GPU device node (NVIDIA, or ROCm's): skip the 2-3 s torch import
+    if not (glob.glob("/dev/nvidia[0-9]*") or any(map(os.path.exists, ("/dev/kfd", "/dev/dxg")))):
+        return 0  # no GPU device node (NVIDIA, ROCm's, WSL2's): skip the 2-3 s torch import
     probe = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
     try:
         out = subprocess.run(
@@ -170,8 +170,9 @@ def run_worker(
 
     Args:
         settings: broker, database, visibility timeout, MC passes, ... (flags already applied).
-        device: ``auto``, ``cpu``, ``cuda`` (one process per GPU), ``cuda:N``.
-        concurrency: pool processes; None = one per GPU with CUDA, else 1 (see module docstring).
+        device: ``auto``, ``cpu``, ``cuda`` (every GPU), ``cuda:N``.
+        concurrency: pool processes; None = the plan of the module docstring (one per core, at
+            most MAX_PROCESSES_PER_GPU per GPU or MAX_CPU_PROCESSES on the CPU).
         model: checkpoint (None: ``settings.model_path``).
         loglevel: Celery log level.
         hostname: Celery node name (default ``astronn-dist-<pid>@<host>``, unique per worker).
