@@ -41,14 +41,10 @@ def sample_files() -> list[Path]:
     return files
 
 
-def astronn_parameter_text() -> str:
-    """The JSON text of astroNN's parameter file, exactly as astroNN wrote it."""
-    return gzip.decompress(require(ASTRONN_PARAMETERS).read_bytes()).decode("utf-8")
-
-
 @functools.cache
 def _parameters() -> str:
-    return astronn_parameter_text()
+    """The JSON text of astroNN's parameter file, exactly as astroNN wrote it."""
+    return gzip.decompress(require(ASTRONN_PARAMETERS).read_bytes()).decode("utf-8")
 
 
 def astronn_parameters() -> dict[str, Any]:

@@ -44,7 +44,6 @@ class ChunkOutcome:
         return asdict(self)
 
 
-
 def _is_out_of_memory(exc: BaseException) -> bool:
     """Host (MemoryError) or accelerator (torch.cuda.OutOfMemoryError) memory exhausted."""
     if isinstance(exc, MemoryError):

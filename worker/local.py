@@ -88,10 +88,8 @@ def _start(settings: Settings, plan: WorkerPlan, index: Any, *, threads: int | N
     """
     import torch
 
-    from worker.inference import Predictor, resolve_device
-    from worker.model import load_model
     from worker.results import make_engine
-    from worker.state import device_for_process
+    from worker.state import load_predictor
 
     if hasattr(index, "get_lock"):  # a shared counter: this process takes the next index
         with index.get_lock():
@@ -99,17 +97,15 @@ def _start(settings: Settings, plan: WorkerPlan, index: Any, *, threads: int | N
             index = index.value - 1
     if threads is None:  # a process of its own: its torch threads are the plan's
         torch.set_num_threads(plan.threads_per_process)
-    n_gpus = torch.cuda.device_count() if "cuda" in plan.device else 0
-    device = resolve_device(device_for_process(plan.device, int(index), n_gpus))
-    loaded = load_model(settings.model_path, device=device)
+    predictor = load_predictor(settings, plan.device, int(index),
+                               threads=threads or plan.threads_per_process)
     _STATE.update(
-        predictor=Predictor(loaded, mc_passes=settings.mc_passes, seed=settings.seed,
-                            threads=threads or plan.threads_per_process),
+        predictor=predictor,
         engine=engine if engine is not None else make_engine(settings.database_url),
         own_engine=engine is None,
         host=socket.gethostname(),
     )
-    return loaded.model_id, str(device)
+    return predictor.model_id, str(predictor.device)
 
 
 def _chunk(requests: list[SpectrumRequest], run_id: str) -> tuple[ChunkOutcome, int]:

@@ -13,7 +13,7 @@ A 1-D HDU (8575,) is the coadd itself (files with a single combination). File na
 (SDSS-V), each optionally ``.gz``.
 
 Only what is needed is read. A plain, well-formed file goes through :mod:`worker.fastfits`
-(four headers scanned for a dozen keywords, three rows read: ~0.1 ms from the page cache);
+(four headers scanned for a dozen keywords, three rows read: ~0.2 ms from the page cache);
 anything else (gzip, scaled data, an unusual header, any damage) through astropy, which opens
 HDUs lazily (HDU4 and later are never parsed) and reads only row 0 of HDU1-3 (``section``; for
 gzip files by seeking in the decompressed stream), ~2-3 ms a file, nearly all of it header

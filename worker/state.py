@@ -53,6 +53,26 @@ def device_for_process(spec: str, index: int, n_gpus: int) -> str:
     return chosen
 
 
+def load_predictor(settings: Settings, device_spec: str, index: int,
+                   threads: int | None = None) -> Predictor:
+    """The model of ``settings`` loaded for pool process ``index`` (its device from
+    ``device_spec``, as :func:`device_for_process` assigns it), ready to predict.
+
+    threads: the predictor's CPU workers (None: torch's thread count).
+    """
+    from worker.inference import Predictor, resolve_device
+    from worker.model import load_model
+
+    n_gpus = 0
+    if "cuda" in device_spec or device_spec.strip() == "auto":
+        import torch
+
+        n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = resolve_device(device_for_process(device_spec, index, n_gpus))
+    loaded = load_model(settings.model_path, device=device)
+    return Predictor(loaded, mc_passes=settings.mc_passes, seed=settings.seed, threads=threads)
+
+
 class WorkerState:
     """What one process loads once: the predictor, the database engine, the Redis client."""
 
@@ -72,29 +92,18 @@ class WorkerState:
         """The loaded model (loaded on first call; a failure is raised, and retried next call)."""
         with self._model_lock:
             if self._predictor is None:
-                from worker.inference import Predictor, resolve_device
-                from worker.model import load_model
-
-                spec = self.settings.device
-                n_gpus = 0
-                if "cuda" in spec or spec.strip() == "auto":
-                    import torch
-
-                    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-                device = resolve_device(device_for_process(spec, _process_index(), n_gpus))
                 t0 = time.perf_counter()
-                loaded = load_model(self.settings.model_path, device=device)
-                self._predictor = Predictor(
-                    loaded, mc_passes=self.settings.mc_passes, seed=self.settings.seed
-                )
+                self._predictor = predictor = load_predictor(
+                    self.settings, self.settings.device, _process_index())
                 seconds = time.perf_counter() - t0
-                metrics.observe_model_loaded(seconds, str(device), loaded.model_id)
+                device, model_id = str(predictor.device), predictor.model_id
+                metrics.observe_model_loaded(seconds, device, model_id)
                 log.info(
                     "process %d loaded model %s on %s in %.1f s (%d MC passes, seed %d)",
-                    self.pid, loaded.model_id, device, seconds,
+                    self.pid, model_id, device, seconds,
                     self.settings.mc_passes, self.settings.seed,
-                    extra={"event": "model_loaded", "model_id": loaded.model_id,
-                           "device": str(device), "seconds": round(seconds, 3)},
+                    extra={"event": "model_loaded", "model_id": model_id,
+                           "device": device, "seconds": round(seconds, 3)},
                 )
             return self._predictor
 
