@@ -29,6 +29,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
@@ -766,8 +767,6 @@ def status(
 
 def _summary_table(lines: Sequence[dict[str, Any]]) -> Table:
     """:func:`worker.results.summary` (one dict per model) as a table with a column per model."""
-    from datetime import datetime
-
     table = Table(title="results by model")
     table.add_column("")
     for line in lines:
@@ -783,71 +782,68 @@ def _summary_table(lines: Sequence[dict[str, Any]]) -> Table:
         table.add_row(key, *cells)
     return table
 
+SINCE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S.%f%z"]
+"""--since: a date, a time (naive: UTC) or an ISO-8601 time with its offset."""
+
+
 @app.command()
 def export(
-    out: Annotated[Path, typer.Argument(help="Output file: .csv, .fits or .parquet.")],
+    out: Annotated[Path, typer.Argument(help="Output file: .fits, .parquet or .csv.")],
+    model: ModelOpt = None,
     model_id: Annotated[
-        Optional[str], typer.Option("--model-id", help="Only this model's rows (default: every model).")
+        Optional[str], typer.Option("--model-id", help="This model's rows, by id (instead of --model's).")
     ] = None,
+    all_models: Annotated[bool, typer.Option("--all-models", help="Every model's rows.")] = False,
+    good: Annotated[bool, typer.Option("--good", help="Only rows not flagged bad.")] = False,
+    bad: Annotated[bool, typer.Option("--bad", help="Only rows flagged bad (failed ones included).")] = False,
+    failed: Annotated[bool, typer.Option("--failed", help="Only rows without a result.")] = False,
+    since: Annotated[
+        Optional[datetime], typer.Option("--since", metavar="TIME", formats=SINCE_FORMATS,
+                                         help="Only rows written at or after TIME (UTC, ISO-8601).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     db: DbOpt = None,
 ) -> None:
-    """Write the results table to a CSV, FITS or Parquet file.
+    """Write results to a FITS, Parquet or CSV file, streamed (any table size).
 
-    The format follows the file's suffix; one row per spectrum and model.
+    The format follows the file's suffix; by default the rows of the current
+    model (--model, as the workers load it). Units, flag bits and provenance
+    are in the file (FITS header, Parquet metadata).
 
     Example:
       astronn-dist export results.fits
-      astronn-dist export demo.parquet --model-id astronn-dist-demo-3555bb278142
+      astronn-dist export bad.parquet --bad --since 2026-12-01
+      astronn-dist export all.csv --all-models --force
     """
-    suffix = "".join(out.suffixes[-1:]).lower()
-    if suffix not in (".csv", ".fits", ".parquet"):
-        raise UserError(f"{out}: unknown format '{suffix}'; use .csv, .fits or .parquet")
-    from worker.results import export_rows
+    from producer.export import FORMATS, ExportError
+    from producer.export import export as write_export
 
-    settings = _settings(database_url=db)
+    if out.suffix.lower() not in FORMATS:
+        raise UserError(f"{out}: unknown format '{out.suffix.lower()}'; use {', '.join(FORMATS)}")
+    if sum((good, bad, failed)) > 1:
+        raise UserError("choose at most one of --good, --bad and --failed")
+    if all_models and model_id:
+        raise UserError("--all-models and --model-id exclude each other")
+    outcome = "good" if good else "bad" if bad else "failed" if failed else None
+    settings = _settings(database_url=db, model_path=model)
+    model_ids = None if all_models else [model_id or _model_id(settings)]
     engine = _engine(settings.database_url)
     if not _has_table(engine):
         raise UserError(f"no results table in {mask_url(settings.database_url)} (nothing to export)")
-    rows = list(export_rows(engine, model_id=model_id))
-    engine.dispose()
-    _write_rows(rows, out)
-    console.print(f"wrote {len(rows)} rows to {out}")
+    try:
+        with _progress() as progress:
+            task = progress.add_task("export", total=None)
+            report = write_export(
+                engine, out, model_ids=model_ids, outcome=outcome, since=since, force=force,
+                on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )
+    except ExportError as exc:
+        raise UserError(str(exc)) from None
+    finally:
+        engine.dispose()
+    which = "every model" if model_ids is None else f"model {model_ids[0]}"
+    console.print(f"wrote {report.rows} rows of {which} to {out} in {report.seconds:.1f} s", soft_wrap=True)
 
-
-def _write_rows(rows: Sequence[dict[str, Any]], out: Path) -> None:
-    import numpy as np
-    import pyarrow as pa
-
-    table = pa.Table.from_pylist([dict(r) for r in rows])
-    suffix = out.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        pq.write_table(table, out)
-        return
-    import pyarrow.csv as pacsv
-
-    if suffix == ".csv":
-        pacsv.write_csv(table, out)
-        return
-    from astropy.table import MaskedColumn
-    from astropy.table import Table as AstropyTable
-
-    columns = []
-    for name in table.column_names:
-        col = table.column(name)
-        if pa.types.is_timestamp(col.type):
-            col = col.cast(pa.string())
-        values = col.to_pylist()
-        mask = [v is None for v in values]
-        if pa.types.is_floating(col.type):
-            data = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
-        elif pa.types.is_integer(col.type) or pa.types.is_boolean(col.type):
-            data = np.array([0 if v is None else v for v in values], dtype=np.int64 if pa.types.is_integer(col.type) else bool)
-        else:
-            data = np.array(["" if v is None else str(v) for v in values], dtype=str)
-        columns.append(MaskedColumn(data, name=name, mask=mask))
-    AstropyTable(columns).write(out, overwrite=True)
 
 @app.command()
 def migrate(db: DbOpt = None) -> None:

@@ -41,6 +41,14 @@ FLAG_NAMES = {
 }
 """result_flags bit -> the name of its boolean column."""
 
+FLAG_MEANINGS = {
+    FLAG_FAKEMAG_UNRELIABLE: "fakemag unreliable: L_fakemag_err >= 0.2 L_fakemag",
+    FLAG_MISSING_PHOTOMETRY: "missing photometry: no 2MASS Ks (0 used)",
+    FLAG_MISSING_EXTINCTION: "missing extinction: no E(B-V) (0 used)",
+    FLAG_NO_RESULT: "no result: the spectrum could not be loaded or processed",
+}
+"""result_flags bit -> what it means (exports write these beside the bits)."""
+
 WARN_MASK = FLAG_MISSING_EXTINCTION
 """flag_warn = result_flags & WARN_MASK != 0."""
 BAD_MASK = FLAG_FAKEMAG_UNRELIABLE | FLAG_MISSING_PHOTOMETRY | FLAG_NO_RESULT

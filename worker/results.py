@@ -29,6 +29,7 @@ import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
@@ -649,21 +650,107 @@ def _as_utc(value: Any) -> datetime | None:
 EXPORT_COLUMNS = tuple(c.name for c in astro_nn_dist.columns if c.name != "id")
 """The exported columns, in table order (the surrogate ``id`` means nothing outside the table)."""
 
+STRING_COLUMNS = tuple(c.name for c in astro_nn_dist.columns if isinstance(c.type, (sa.String, sa.Text)))
+"""Text columns: an export sizes their fixed-width fields (FITS) from :func:`export_stats`."""
+
+OUTCOMES = ("good", "bad", "failed")
+"""export_where's choices: not flagged bad / flagged bad / no result (failed rows are bad too)."""
+
+
+@dataclass(frozen=True)
+class ExportStats:
+    """What a file writer must know before the first row: counts, widths, provenance."""
+
+    rows: int
+    max_bytes: dict[str, int]
+    """Text column -> the longest value in UTF-8 bytes (0 when all are NULL or empty)."""
+    models: tuple[str, ...]
+    pipeline_versions: tuple[str, ...]
+
+
+def export_where(
+    model_ids: Sequence[str] | None = None, outcome: str | None = None, since: datetime | None = None
+) -> sa.ColumnElement[bool]:
+    """The rows an export selects: of these models (None: all), of one outcome
+    (:data:`OUTCOMES`), written at or after ``since`` (aware; naive means UTC)."""
+    t = astro_nn_dist
+    conditions: list[sa.ColumnElement[bool]] = []
+    if model_ids is not None:
+        conditions.append(t.c.model_id.in_(list(model_ids)))
+    if outcome == "good":
+        conditions.append(t.c.flag_bad.is_(False))
+    elif outcome == "bad":
+        conditions.append(t.c.flag_bad.is_(True))
+    elif outcome == "failed":  # flag_bad first: the (model_id, flag_bad) index narrows it
+        conditions += [t.c.flag_bad.is_(True), _has_flag(FLAG_NO_RESULT)]
+    elif outcome is not None:
+        raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
+    if since is not None:
+        conditions.append(t.c.created >= since)
+    return sa.and_(sa.true(), *conditions)
+
+
+@contextmanager
+def snapshot(engine: Engine) -> Iterator[Connection]:
+    """A connection whose reads all see one state of the table, however long they take.
+
+    An export reads counts and widths first and then the rows: rows written meanwhile by the
+    workers must not appear in the second read only. PostgreSQL: a REPEATABLE READ
+    transaction; SQLite (WAL): a read transaction holds its snapshot from its first read.
+    """
+    with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        with conn.begin():
+            yield conn
+
+
+def export_stats(conn: Connection, where: sa.ColumnElement[bool]) -> ExportStats:
+    """Row count, text widths, models and pipeline versions of the selected rows (one scan
+    plus one grouped scan)."""
+    t = astro_nn_dist
+
+    def byte_length(column: sa.Column[Any]) -> Any:
+        if conn.dialect.name == "postgresql":
+            return sa.func.octet_length(column)
+        return sa.func.length(sa.cast(column, sa.LargeBinary))  # SQLite: bytes, not characters
+
+    widths = [sa.func.coalesce(sa.func.max(byte_length(t.c[name])), 0).label(name) for name in STRING_COLUMNS]
+    counted = conn.execute(sa.select(sa.func.count().label("rows"), *widths).where(where)).one()._mapping
+    versions = conn.execute(
+        sa.select(t.c.model_id, t.c.pipeline_version).where(where).group_by(t.c.model_id, t.c.pipeline_version)
+    ).all()
+    return ExportStats(
+        rows=int(counted["rows"]),
+        max_bytes={name: int(counted[name]) for name in STRING_COLUMNS},
+        models=tuple(sorted({m for m, _ in versions})),
+        pipeline_versions=tuple(sorted({v for _, v in versions})),
+    )
+
+
+def export_blocks(
+    conn: Connection, where: sa.ColumnElement[bool], block_rows: int = 50_000
+) -> Iterator[list[tuple[Any, ...]]]:
+    """The selected rows, ordered by model_id then spectrum_id, as lists of at most
+    ``block_rows`` tuples of :data:`EXPORT_COLUMNS` (NULL -> None, ``created`` aware UTC).
+
+    A server-side cursor on PostgreSQL (``yield_per``): memory holds one block, whatever the
+    table's size.
+    """
+    t = astro_nn_dist
+    query = sa.select(*(t.c[name] for name in EXPORT_COLUMNS)).where(where).order_by(t.c.model_id, t.c.spectrum_id)
+    result = conn.execution_options(yield_per=block_rows).execute(query)
+    for block in result.partitions():
+        yield [tuple(row) for row in block]
+
 
 def export_rows(
     engine: Engine | Connection, model_id: str | None = None, *, batch_size: int = 10_000
 ) -> Iterator[dict[str, Any]]:
-    """Every row (of ``model_id``, or all), ordered by model_id then spectrum_id, as dicts of
-    :data:`EXPORT_COLUMNS` (NULL -> None, ``created`` an aware UTC datetime).
-
-    Streams in batches of ``batch_size`` (a server-side cursor on PostgreSQL), so a table of
-    millions of rows never sits in memory at once unless the caller collects it.
-    """
-    t = astro_nn_dist
-    query = sa.select(*(t.c[name] for name in EXPORT_COLUMNS)).order_by(t.c.model_id, t.c.spectrum_id)
-    if model_id is not None:
-        query = query.where(t.c.model_id == model_id)
+    """Every row (of ``model_id``, or all) as dicts of :data:`EXPORT_COLUMNS`, in
+    :func:`export_blocks` order: a whole-table read for small tables and tests."""
+    where = export_where(None if model_id is None else [model_id])
     with _reading(engine) as conn:
-        result = conn.execution_options(yield_per=batch_size).execute(query)
-        for row in result:
-            yield dict(row._mapping)
+        for block in export_blocks(conn, where, batch_size):
+            for row in block:
+                yield dict(zip(EXPORT_COLUMNS, row))
