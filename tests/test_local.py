@@ -113,7 +113,7 @@ def test_status_and_export_say_how_rows_were_computed(
     cli("run", *map(str, apstar_files), "--model", str(model), "--db", sqlite_url, "--mc-passes", "2")
     out = cli("status", "--broker", redis_url, "--db", sqlite_url)
     assert "computed on cpu, masks from numpy-SFC64: 2 rows" in out
-    cli("export", str(tmp_path / "rows.csv"), "--db", sqlite_url)
+    cli("export", str(tmp_path / "rows.csv"), "--db", sqlite_url, "--model", str(model))
     table = Table.read(tmp_path / "rows.csv")
     assert list(table["device"]) == ["cpu", "cpu"] and set(table["mask_rng"]) == {"numpy-SFC64"}
 
