@@ -10,6 +10,12 @@ reference inference),
 inference (the Predictor beside the reference algorithm), continuum (the project beside
 astroNN), service (producer rate, end to end through Redis and real workers on SQLite and
 PostgreSQL, peak worker RSS). Each row states its conditions.
+
+Not run unless named (it takes minutes): scale (produce, reconcile, status and export as CLI
+processes on a catalog and a table of --rows rows, default 1,000,000, on SQLite and PostgreSQL:
+seconds and peak RSS against the issue's bounds).
+
+    python -m bench --sections scale --rows 20000
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from collections.abc import Sequence
 from bench.table import Row, format_rows
 
 SECTIONS = ("prepare", "run", "inference", "continuum", "service")
+OPTIONAL_SECTIONS = ("scale",)  # only when named in --sections
 
 
 def machine() -> str:
@@ -41,10 +48,12 @@ def machine() -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS + OPTIONAL_SECTIONS,
+                        default=list(SECTIONS))
     parser.add_argument("--device", default="auto", help="inference section: auto, cpu, cuda")
     parser.add_argument("--spectra", type=int, default=2000, help="end to end: spectra per run")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="scale: catalog and table rows")
     args = parser.parse_args(argv)
 
     rows: list[Row] = []
@@ -75,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         rows += bench_service.run(400 if args.quick else args.spectra,
                                   producer_spectra=10_000 if args.quick else 50_000)
+    if "scale" in args.sections:
+        from bench import bench_scale
+
+        rows += bench_scale.run(args.rows)
     print()
     print(format_rows(rows))
 

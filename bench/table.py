@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -9,7 +10,11 @@ from dataclasses import dataclass
 @dataclass
 class Row:
     """``spectra`` done in ``seconds`` by ``method`` under ``conditions`` (threads, batch,
-    device, MC passes...); ``extra`` is a free note (memory, ratios)."""
+    device, MC passes...); ``extra`` is a free note (memory, ratios).
+
+    Optional: ``rss_mb``, a peak resident set [MiB] (a column of its own, shown only when some
+    row has one); ``rated=False`` for a row whose spectra/s means nothing (e.g. ``status``).
+    ``seconds`` NaN: nothing was measured (a failure), printed as ``-``."""
 
     section: str
     method: str
@@ -17,6 +22,8 @@ class Row:
     spectra: int
     seconds: float
     extra: str = ""
+    rss_mb: float | None = None
+    rated: bool = True
 
     @property
     def rate(self) -> float:
@@ -26,12 +33,17 @@ class Row:
 
 def format_rows(rows: Sequence[Row]) -> str:
     """A Markdown table (it reads as plain text too, and pastes into BENCHMARKS.md)."""
-    lines = ["| section | method | conditions | spectra | seconds | spectra/s | note |",
-             "|---|---|---|---:|---:|---:|---|"]
+    rss = any(r.rss_mb is not None for r in rows)
+    lines = ["| section | method | conditions | spectra | seconds | spectra/s | "
+             + ("peak RSS MiB | " if rss else "") + "note |",
+             "|---|---|---|---:|---:|---:|" + ("---:|" if rss else "") + "---|"]
     for r in rows:
-        rate = f"{r.rate:,.1f}" if r.spectra else "-"
+        measured = not math.isnan(r.seconds)
+        rate = f"{r.rate:,.1f}" if r.spectra and r.rated and measured else "-"
+        seconds = f"{r.seconds:.2f}" if measured else "-"
+        peak = ("-" if r.rss_mb is None else f"{r.rss_mb:,.0f}") + " | " if rss else ""
         lines.append(f"| {r.section} | {r.method} | {r.conditions} | {r.spectra} | "
-                     f"{r.seconds:.2f} | {rate} | {r.extra} |")
+                     f"{seconds} | {rate} | {peak}{r.extra} |")
     return "\n".join(lines)
 
 
