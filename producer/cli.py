@@ -815,11 +815,13 @@ def export(
       astronn-dist export bad.parquet --bad --since 2026-12-01
       astronn-dist export all.csv --all-models --force
     """
-    from producer.export import FORMATS, ExportError
+    from producer.export import ExportError, file_format
     from producer.export import export as write_export
 
-    if out.suffix.lower() not in FORMATS:
-        raise UserError(f"{out}: unknown format '{out.suffix.lower()}'; use {', '.join(FORMATS)}")
+    try:
+        file_format(out)  # before the model's hash and the database: a typo fails at once
+    except ExportError as exc:
+        raise UserError(str(exc)) from None
     if sum((good, bad, failed)) > 1:
         raise UserError("choose at most one of --good, --bad and --failed")
     if all_models and model_id:

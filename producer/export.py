@@ -92,6 +92,18 @@ class ExportError(RuntimeError):
     """The export cannot be written as asked (the file exists, an unknown format)."""
 
 
+def file_format(out: str | Path) -> str:
+    """The format ``out``'s suffix names (one of :data:`FORMATS`).
+
+    Raises:
+        ExportError: any other suffix.
+    """
+    suffix = Path(out).suffix.lower()
+    if suffix not in FORMATS:
+        raise ExportError(f"{out}: unknown format '{suffix}'; use {', '.join(FORMATS)}")
+    return suffix
+
+
 @dataclass(frozen=True)
 class Field:
     """One column of the exported file: its name and kind (float, int, bool, text, time)."""
@@ -150,19 +162,20 @@ def block_columns(block: Sequence[tuple[Any, ...]]) -> dict[str, Any]:
     for text (NULL empty), ``created`` as datetime64[us] (UTC), the flag-bit booleans added."""
     raw = dict(zip(EXPORT_COLUMNS, zip(*block))) if block else {name: () for name in EXPORT_COLUMNS}
     out: dict[str, Any] = {}
-    for name in EXPORT_COLUMNS:
-        kind = datetime if name == "created" else astro_nn_dist.c[name].type.python_type
-        values = raw[name]
-        if kind is float:
-            out[name] = np.array(values, dtype=np.float64)  # None -> NaN
-        elif kind is bool:
-            out[name] = np.array(values, dtype=bool)
-        elif kind is int:
-            out[name] = list(values)  # may hold None: each writer has its own NULL
-        elif kind is str:
-            out[name] = ["" if v is None else v for v in values]
+    for f in fields():
+        if f.name not in raw:  # a flag bit: derived below
+            continue
+        values = raw[f.name]
+        if f.kind == "float":
+            out[f.name] = np.array(values, dtype=np.float64)  # None -> NaN
+        elif f.kind == "bool":
+            out[f.name] = np.array(values, dtype=bool)
+        elif f.kind == "int":
+            out[f.name] = list(values)  # may hold None: each writer has its own NULL
+        elif f.kind == "text":
+            out[f.name] = ["" if v is None else v for v in values]
         else:  # created: aware UTC datetimes
-            out[name] = np.array([v.replace(tzinfo=None) for v in values], dtype="datetime64[us]")
+            out[f.name] = np.array([v.replace(tzinfo=None) for v in values], dtype="datetime64[us]")
     flags = np.array(raw["result_flags"], dtype=np.int64)
     for bit, name in FLAG_NAMES.items():
         out[name] = (flags & bit) != 0
@@ -244,12 +257,10 @@ class _FitsWriter:
         self.fields = fields(with_mjd=True)
         self.rows_expected = stats.rows
         self.rows_written = 0
-        self.widths: dict[str, int] = {}
         cols, dtype = [], []
         for f in self.fields:
             if f.kind in ("text", "time"):
                 width = 27 if f.kind == "time" else max(1, stats.max_bytes[f.name])  # UTF-8 bytes
-                self.widths[f.name] = width
                 fmt, np_type = f"{width}A", f"S{width}"
             else:
                 fmt, np_type = self.FORMATS[f.kind]
@@ -349,9 +360,7 @@ def export(
         ExportError: an unknown suffix, or the file exists and ``force`` is not set.
     """
     out = Path(out)
-    suffix = out.suffix.lower()
-    if suffix not in FORMATS:
-        raise ExportError(f"{out}: unknown format '{suffix}'; use {', '.join(FORMATS)}")
+    suffix = file_format(out)
     if out.exists() and not force:
         raise ExportError(f"{out} exists; choose another name or pass --force to replace it")
     if since is not None and since.tzinfo is None:

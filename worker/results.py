@@ -515,6 +515,18 @@ def _has_flag(bit: int) -> sa.ColumnElement[bool]:
     return astro_nn_dist.c.result_flags.op("&")(bit) != 0
 
 
+def _outcome_condition(outcome: str) -> sa.ColumnElement[bool]:
+    """Rows of one of :data:`OUTCOMES`: not flagged bad, flagged bad, or without a result."""
+    bad = astro_nn_dist.c.flag_bad.is_(True)
+    if outcome == "good":
+        return astro_nn_dist.c.flag_bad.is_(False)
+    if outcome == "bad":
+        return bad
+    if outcome == "failed":  # flag_no_result implies flag_bad: the (model_id, flag_bad) index narrows it
+        return sa.and_(bad, _has_flag(FLAG_NO_RESULT))
+    raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
+
+
 def select_for_requeue(
     engine: Engine | Connection,
     model_id: str,
@@ -548,8 +560,7 @@ def select_for_requeue(
     selected: dict[str, Any] = {}
     with _reading(engine) as conn:
         if failed or bad:
-            # flag_no_result implies flag_bad: both criteria use the (model_id, flag_bad) index.
-            condition = t.c.flag_bad.is_(True) if bad else sa.and_(t.c.flag_bad.is_(True), _has_flag(FLAG_NO_RESULT))
+            condition = _outcome_condition("bad" if bad else "failed")
             query = sa.select(*columns).where(t.c.model_id == model_id, condition).order_by(t.c.spectrum_id)
             selected.update((r.spectrum_id, r) for r in conn.execute(query))
         named: dict[str, Any] = {}
@@ -677,14 +688,8 @@ def export_where(
     conditions: list[sa.ColumnElement[bool]] = []
     if model_ids is not None:
         conditions.append(t.c.model_id.in_(list(model_ids)))
-    if outcome == "good":
-        conditions.append(t.c.flag_bad.is_(False))
-    elif outcome == "bad":
-        conditions.append(t.c.flag_bad.is_(True))
-    elif outcome == "failed":  # flag_bad first: the (model_id, flag_bad) index narrows it
-        conditions += [t.c.flag_bad.is_(True), _has_flag(FLAG_NO_RESULT)]
-    elif outcome is not None:
-        raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
+    if outcome is not None:
+        conditions.append(_outcome_condition(outcome))
     if since is not None:
         conditions.append(t.c.created >= since)
     return sa.and_(sa.true(), *conditions)
