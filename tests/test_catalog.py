@@ -13,7 +13,16 @@ import pyarrow.parquet as pq
 import pytest
 from astropy.table import MaskedColumn, Table
 
-from producer.catalog import CatalogError, find_spectra, gather, read_catalog, scan_spectra
+from producer.catalog import (
+    CatalogError,
+    find_spectra,
+    gather,
+    gather_blocks,
+    iter_catalog,
+    open_catalog,
+    read_catalog,
+    scan_spectra,
+)
 from worker.contract import SpectrumRequest
 
 
@@ -181,3 +190,165 @@ def test_real_files_and_gather(tmp_path: Path, apstar_files: list[Path], sample_
     assert [r.spectrum_id for r in requests[1:]] == [apstar_files[1].name]
     with pytest.raises(CatalogError, match="nothing to process"):
         gather([], None)
+
+
+# ------------------------------------------------------------------------------------------
+# Block by block: the same requests as the whole file, in bounded memory.
+
+FORMATS = ["csv", "csv.gz", "parquet", "fits"]
+
+
+def _write(fmt: str, path: Path, columns: dict[str, list]) -> Path:
+    """``columns`` (None = an empty cell) as a catalog in ``fmt``; returns the file."""
+    path = path.with_name(f"{path.name}.{fmt}")
+    text_columns = {name for name, values in columns.items() if any(isinstance(v, str) for v in values)}
+    if fmt in ("csv", "csv.gz"):
+        def cell(value):
+            return "" if value is None else "NaN" if isinstance(value, float) and np.isnan(value) else str(value)
+        lines = [",".join(columns)] + [",".join(map(cell, row)) for row in zip(*columns.values())]
+        data = ("\n".join(lines) + "\n").encode()
+        path.write_bytes(gzip.compress(data) if fmt == "csv.gz" else data)
+    elif fmt == "parquet":
+        pq.write_table(
+            pa.table({name: pa.array(values, pa.string() if name in text_columns else pa.float64())
+                      for name, values in columns.items()}),
+            path,
+        )
+    else:
+        table = Table()
+        for name, values in columns.items():
+            if name in text_columns:  # FITS text is bytes; UTF-8 ids survive as bytes
+                table[name] = np.array([(v or "").encode() for v in values], dtype="S64")
+            else:
+                table[name] = MaskedColumn([np.nan if v is None else v for v in values],
+                                           mask=[v is None for v in values], dtype=np.float64)
+        table.write(path)
+    return path
+
+
+def _flat(blocks) -> list[SpectrumRequest]:
+    return [request for block in blocks for request in block]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_blocks_equal_the_whole_file(tmp_path: Path, fmt: str):
+    """Aliases, empty and NaN cells, non-ASCII ids, an exact repeat across a block boundary and
+    one written differently (``./b/../x`` and ``x``): three rows per block."""
+    catalog = _write(fmt, tmp_path / "stars", {
+        "Path": ["a/apStar-1.fits", "apStar-2.fits", "/abs/apStar-3.fits", "a/apStar-1.fits",
+                 "./b/../apStar-5.fits", "apStar-5.fits", "c/apStar-7.fits"],
+        "SPECTRUM_ID": ["00123", "étoile-β", None, "00123", "s5", "s5", "日本"],
+        "ks_m": [9.5, float("nan"), None, 9.5, 10.25, 10.25, 11.0],
+        "E_BV": [None, 0.1, float("nan"), None, 0.3, 0.3, 0.2],
+    })
+    expected = [
+        SpectrumRequest("00123", str(tmp_path / "a/apStar-1.fits"), 9.5, None),
+        SpectrumRequest("étoile-β", str(tmp_path / "apStar-2.fits"), None, 0.1),
+        SpectrumRequest("/abs/apStar-3.fits", "/abs/apStar-3.fits", None, None),
+        SpectrumRequest("s5", str(tmp_path / "apStar-5.fits"), 10.25, 0.3),
+        SpectrumRequest("日本", str(tmp_path / "c/apStar-7.fits"), 11.0, 0.2),
+    ]
+    blocks = list(iter_catalog(catalog, block_rows=3))
+    assert [len(b) for b in blocks] == [3, 1, 1]  # rows 4 and 6 (repeats) left out of block 2
+    assert _flat(blocks) == expected
+    assert read_catalog(catalog) == expected
+    assert _flat(iter_catalog(catalog, block_rows=1)) == expected
+    checked = open_catalog(catalog, block_rows=2)
+    assert (checked.rows, checked.requests) == (7, 5)
+    assert _flat(checked) == _flat(checked) == expected  # each iteration reads the file again
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_missing_photometry_columns_mean_the_headers(tmp_path: Path, fmt: str):
+    catalog = _write(fmt, tmp_path / "paths", {"path": ["apStar-1.fits", "apStar-2.fits", "apStar-3.fits"]})
+    assert _flat(iter_catalog(catalog, block_rows=2)) == [
+        SpectrumRequest(f"apStar-{i}.fits", str(tmp_path / f"apStar-{i}.fits")) for i in (1, 2, 3)
+    ]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_conflict_across_blocks_names_both_rows(tmp_path: Path, fmt: str):
+    catalog = _write(fmt, tmp_path / "clash", {
+        "path": ["a.fits", "b.fits", "c.fits", "d.fits", "e.fits"],
+        "spectrum_id": ["s1", "s2", "s3", "s4", "s2"],
+        "k_mag": [9.0, 9.0, 9.0, 9.0, 9.0],
+    })
+    with pytest.raises(CatalogError, match=r"spectrum_id 's2' is used by rows 2 and 5 with different values"):
+        open_catalog(catalog, block_rows=3)
+    # The same id with the same file but other photometry is a conflict too.
+    catalog = _write(fmt, tmp_path / "photometry", {
+        "path": ["a.fits", "b.fits", "c.fits", "a.fits"], "spectrum_id": ["s1", "s2", "s3", "s1"],
+        "k_mag": [9.0, 9.0, 9.0, 9.5],
+    })
+    with pytest.raises(CatalogError, match=r"'s1' is used by rows 1 and 4"):
+        read_catalog(catalog)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "fits"])
+def test_errors_name_the_row_and_the_column(tmp_path: Path, fmt: str):
+    catalog = _write(fmt, tmp_path / "text", {
+        "path": [f"apStar-{i}.fits" for i in range(1, 7)],
+        "K": ["9.1", "9.2", "9.3", "9.4", "bright", "9.6"],
+    })
+    with pytest.raises(CatalogError, match=r"row 5, column 'K' is not numeric: .?'bright'"):
+        read_catalog(catalog)
+    catalog = _write(fmt, tmp_path / "nopath", {
+        "path": ["apStar-1.fits", "apStar-2.fits", "apStar-3.fits", None, "apStar-5.fits"],
+        "K": [9.0, 9.0, 9.0, 9.0, 9.0],
+    })
+    with pytest.raises(CatalogError, match="row 4 has an empty 'path'"):
+        open_catalog(catalog, block_rows=3)
+
+
+def test_hash_collisions_are_told_apart(tmp_path: Path, monkeypatch):
+    """Every id hashed alike: the closer look still keeps distinct ids apart, drops repeats and
+    finds the conflict (the hashes only choose which rows to compare)."""
+    import producer.catalog as catalog_module
+
+    monkeypatch.setattr(catalog_module, "_hashes", lambda texts: np.zeros(len(texts), dtype=np.uint64))
+    catalog = _write("csv", tmp_path / "same", {
+        "path": ["a.fits", "b.fits", "a.fits", "c.fits"], "spectrum_id": ["s1", "s2", "s1", "s3"],
+    })
+    assert [r.spectrum_id for r in _flat(iter_catalog(catalog, block_rows=2))] == ["s1", "s2", "s3"]
+    catalog = _write("csv", tmp_path / "clash", {
+        "path": ["a.fits", "b.fits", "c.fits"], "spectrum_id": ["s1", "s2", "s1"],
+    })
+    with pytest.raises(CatalogError, match="'s1' is used by rows 1 and 3"):
+        open_catalog(catalog, block_rows=2)
+
+
+def test_a_csv_column_that_changes_type_between_blocks(tmp_path: Path):
+    """Numbers for the first megabytes (pyarrow's first block), then text and blanks: read as
+    text, nothing to infer, nothing breaks; ids keep their leading zeros."""
+    n = 60_000
+    rows = [f"apStar-{i}.fits,{i:06d},9.5" for i in range(n)] + ["apStar-x.fits,star-x,  "]
+    catalog = tmp_path / "long.csv"
+    catalog.write_text("path,spectrum_id,k_mag\n" + "\n".join(rows) + "\n")
+    assert catalog.stat().st_size > 1 << 20
+    requests = _flat(iter_catalog(catalog, block_rows=25_000))
+    assert len(requests) == n + 1
+    assert requests[0].spectrum_id == "000000" and requests[-1] == SpectrumRequest(
+        "star-x", str(tmp_path / "apStar-x.fits"), None, None
+    )
+
+
+def test_a_catalog_rewritten_between_the_passes(tmp_path: Path):
+    catalog = tmp_path / "growing.csv"
+    catalog.write_text("path\napStar-1.fits\n")
+    checked = open_catalog(catalog)
+    catalog.write_text("path\napStar-1.fits\napStar-2.fits\n")
+    os.utime(catalog, ns=(catalog.stat().st_atime_ns, catalog.stat().st_mtime_ns + 10**9))
+    with pytest.raises(CatalogError, match="changed while it was being read"):
+        list(checked)
+
+
+def test_gather_blocks_with_files(apstar_files: list[Path], sample_dir: Path, tmp_path: Path):
+    a, b = apstar_files
+    catalog = tmp_path / "one.csv"
+    catalog.write_text(f"path,spectrum_id,K\n{a},star-a,9.811\n")
+    requests = gather_blocks([sample_dir], catalog, block_rows=1)
+    assert requests.total == 3  # the file in both counts twice here, is sent once
+    assert list(requests) == [
+        [SpectrumRequest("star-a", str(a), 9.811, None)], [SpectrumRequest(b.name, str(b))]
+    ]
+    assert _flat(requests) == gather([sample_dir], catalog)
