@@ -47,7 +47,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from producer.catalog import CatalogError, gather
+from producer.catalog import CatalogError, RequestBlocks, gather_blocks
 from producer.enqueue import (
     DEFAULT_CHUNK_SIZE,
     BrokerError,
@@ -171,8 +171,15 @@ def _has_table(engine: Engine) -> bool:
 
 
 def _gather(paths: Sequence[str] | None, catalog: Path | None) -> list[SpectrumRequest]:
-    requests = gather(paths or (), catalog)
-    if not requests:
+    """What ``run`` processes, as one list (it is the small-job command)."""
+    return [request for block in _gather_blocks(paths, catalog) for request in block]
+
+
+def _gather_blocks(paths: Sequence[str] | None, catalog: Path | None) -> RequestBlocks:
+    """What ``produce`` and ``reconcile`` send, block by block: the catalog is checked in full
+    here (one pass, bounded memory), read again block by block as it is sent."""
+    requests = gather_blocks(paths or (), catalog)
+    if not requests.total:
         raise UserError(
             f"no apStar files found in {' '.join(map(str, paths or [catalog]))} "
             "(looked for apStar-*.fits[.gz] and asStar-*.fits[.gz])"
@@ -474,11 +481,11 @@ def produce(
     """
     settings = _settings(broker_url=broker, database_url=db, model_path=model)
     t0 = time.perf_counter()
-    requests = _gather(paths, catalog)
+    requests = _gather_blocks(paths, catalog)
     t_read = time.perf_counter() - t0
     _model_id(settings)
     with _progress() as progress:
-        task = progress.add_task("enqueue", total=len(requests))
+        task = progress.add_task("enqueue", total=requests.total)
         report = enqueue(
             requests,
             settings,
@@ -487,7 +494,8 @@ def produce(
             source=str(catalog) if catalog else " ".join(paths or []),
             on_progress=lambda n: progress.advance(task, n),
         )
-        progress.update(task, completed=len(requests))
+        # The skipped ones too; and a file both in the catalog and among the paths was one.
+        progress.update(task, total=report.found, completed=report.found)
     rate = f" ({report.rate:,.0f} spectra/s)" if report.enqueued else ""
     skipped = (
         f"; skipped {report.skipped} already done for model {report.model_id} (--force to send them too)"
@@ -520,7 +528,7 @@ def reconcile(
       astronn-dist reconcile --catalog stars.csv --broker redis://host:6379/0
     """
     settings = _settings(broker_url=broker, database_url=db, model_path=model)
-    requests = _gather(paths, catalog)
+    requests = _gather_blocks(paths, catalog)
     _model_id(settings)
     report = enqueue(
         requests, settings, chunk_size=chunk_size, source="reconcile", skip_queued=True

@@ -18,7 +18,8 @@ import json
 import re
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -88,15 +89,54 @@ def split_done(
 
     A database without the results table yet has nothing done.
     """
-    from worker.results import existing_spectrum_ids, has_table
+    from worker.results import has_table
 
     if not has_table(engine):
         return list(requests), []
-
-    done = existing_spectrum_ids(engine, model_id, [r.spectrum_id for r in requests])
+    done = _done_ids(requests, engine, model_id)
     todo = [r for r in requests if r.spectrum_id not in done]
     skipped = [r for r in requests if r.spectrum_id in done]
     return todo, skipped
+
+
+def _done_ids(requests: Sequence[SpectrumRequest], engine: Engine, model_id: str) -> set[str]:
+    from worker.results import existing_spectrum_ids
+
+    return existing_spectrum_ids(engine, model_id, [r.spectrum_id for r in requests])
+
+
+class _DoneFilter:
+    """Drops, block by block, the requests that have a row for the model (see
+    :func:`split_done`); with ``force`` or before the results table exists, none.
+    :meth:`close` disposes of the engine it opened, if it did."""
+
+    def __init__(self, settings: Settings, engine: Engine | None, model_id: str, force: bool) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.model_id = model_id
+        self.force = force
+        self._own_engine = False
+        self._table: bool | None = None  # checked once, at the first block
+
+    def close(self) -> None:
+        if self._own_engine and self.engine is not None:
+            self.engine.dispose()
+
+    def todo(self, block: Sequence[SpectrumRequest]) -> Sequence[SpectrumRequest]:
+        if self.force or not block:
+            return block
+        if self.engine is None:
+            from worker.results import make_engine
+
+            self.engine, self._own_engine = make_engine(self.settings.database_url), True
+        if self._table is None:
+            from worker.results import has_table
+
+            self._table = has_table(self.engine)
+        if not self._table:
+            return block
+        done = _done_ids(block, self.engine, self.model_id)
+        return [r for r in block if r.spectrum_id not in done] if done else block
 
 
 def redis_client(settings: Settings) -> redis.Redis:
@@ -111,27 +151,31 @@ def queued_spectrum_ids(client: redis.Redis, page: int = 1000) -> set[str]:
     (kombu keeps those in the ``unacked`` hash until the task returns).
 
     Reads kombu's Redis envelopes and the Celery protocol v2 body ``[args, kwargs, embed]``;
-    messages of any other shape are ignored. Cost: the whole queue crosses the network once.
+    messages of any other shape are ignored. Cost: the whole queue crosses the network once,
+    a page at a time (only the ids are kept: a queue of a million spectra is ~100 MB of ids).
     """
-    envelopes: list[Any] = []
+    ids: set[str] = set()
     length = client.llen(QUEUE)
     for start in range(0, length, page):
-        envelopes.extend(json.loads(raw) for raw in client.lrange(QUEUE, start, start + page - 1))
+        for raw in client.lrange(QUEUE, start, start + page - 1):
+            _add_ids(ids, json.loads(raw))
     for raw in client.hvals("unacked"):
         delivered = json.loads(raw)  # [message, exchange, routing_key]
         if isinstance(delivered, list) and delivered:
-            envelopes.append(delivered[0])
-    ids: set[str] = set()
-    for envelope in envelopes:
-        try:
-            body = envelope["body"]
-            if envelope.get("properties", {}).get("body_encoding") == "base64":
-                body = base64.b64decode(body)
-            _, kwargs, _ = json.loads(body)
-            ids.update(s["spectrum_id"] for s in kwargs["spectra"])
-        except (KeyError, TypeError, ValueError):
-            continue  # not one of ours
+            _add_ids(ids, delivered[0])
     return ids
+
+
+def _add_ids(ids: set[str], envelope: Any) -> None:
+    """The spectrum_ids of one kombu envelope into ``ids`` (none if it is not one of ours)."""
+    try:
+        body = envelope["body"]
+        if envelope.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        _, kwargs, _ = json.loads(body)
+        ids.update(s["spectrum_id"] for s in kwargs["spectra"])
+    except (AttributeError, KeyError, TypeError, ValueError):
+        pass  # not one of ours
 
 
 def provenance(source: str, model_id: str | None = None) -> dict[str, Any]:
@@ -223,8 +267,18 @@ class EnqueueReport:
         return self.enqueued / self.seconds if self.seconds > 0 else float("inf")
 
 
+def _blocks_of(
+    requests: Sequence[SpectrumRequest] | Iterable[Sequence[SpectrumRequest]],
+) -> Iterable[Sequence[SpectrumRequest]]:
+    """A list of requests as one block; blocks (e.g. :func:`producer.catalog.iter_catalog`)
+    as they are."""
+    if isinstance(requests, Sequence) and (not requests or isinstance(requests[0], SpectrumRequest)):
+        return [requests]  # type: ignore[list-item]
+    return requests  # type: ignore[return-value]
+
+
 def enqueue(
-    requests: Sequence[SpectrumRequest],
+    requests: Sequence[SpectrumRequest] | Iterable[Sequence[SpectrumRequest]],
     settings: Settings,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -237,8 +291,13 @@ def enqueue(
 ) -> EnqueueReport:
     """Put ``requests`` on the queue in chunks, skipping those already done for the model.
 
+    Blocks are handled one at a time (skip check, then publishing), so a catalog of any size
+    goes out in the memory of one block; chunks run on across blocks, so every message but
+    the last is full, as for one list.
+
     Args:
-        requests: what to process (from :mod:`producer.catalog`).
+        requests: what to process: a list of requests, or an iterable of lists (blocks, from
+            :mod:`producer.catalog`: ``iter_catalog``, ``gather_blocks``).
         settings: broker and database URLs, and the model (its id decides what is "done").
         chunk_size: spectra per message (1..MAX_CHUNK).
         force: enqueue everything, even spectra with a row for this model.
@@ -246,51 +305,63 @@ def enqueue(
         engine, app: reuse an open database engine / Celery app (default: from settings).
         on_progress: called with the number of spectra of each message sent.
         skip_queued: also skip spectra already waiting on the queue or being processed
-            (``reconcile``; reads the whole queue once).
+            (``reconcile``; reads the whole queue once, at the first block with work left).
 
     Raises:
         BrokerError: Redis unreachable. FileNotFoundError: the model checkpoint is missing.
+        CatalogError: from the blocks, as they are read.
     """
     t0 = time.perf_counter()
     model_id = model_id_of(settings.model_path)
     if not 1 <= chunk_size <= MAX_CHUNK:
         raise ValueError(f"chunk size must be between 1 and {MAX_CHUNK}, got {chunk_size}")
-    skipped: list[SpectrumRequest] = []
-    todo: Sequence[SpectrumRequest] = requests
-    if not force and requests:
-        own_engine = engine is None
-        if engine is None:
-            from worker.results import make_engine
-
-            engine = make_engine(settings.database_url)
-        try:
-            todo, skipped = split_done(requests, engine, model_id)
-        finally:
-            if own_engine:
-                engine.dispose()
     extra = provenance(source, model_id)
-    queued = 0
-    with Publisher(settings, app) as publisher:
-        if skip_queued and todo:
-            client = redis_client(settings)
-            try:
-                in_queue = queued_spectrum_ids(client)
-            finally:
-                client.close()
-            before = len(todo)
-            todo = [r for r in todo if r.spectrum_id not in in_queue]
-            queued = before - len(todo)
-        for chunk in chunks(todo, chunk_size):
-            publisher.publish(chunk, extra)
-            if on_progress is not None:
-                on_progress(len(chunk))
+    found = skipped = queued = enqueued = 0
+    in_queue: set[str] | None = None
+    pending: list[SpectrumRequest] = []  # the start of the next chunk, carried across blocks
+
+    with (
+        closing(_DoneFilter(settings, engine, model_id, force)) as done_filter,
+        Publisher(settings, app) as publisher,
+    ):
+
+        def publish(todo: list[SpectrumRequest]) -> None:
+            for chunk in chunks(todo, chunk_size):
+                publisher.publish(chunk, extra)
+                if on_progress is not None:
+                    on_progress(len(chunk))
+
+        for block in _blocks_of(requests):
+            found += len(block)
+            todo = done_filter.todo(block)
+            skipped += len(block) - len(todo)
+            if skip_queued and todo:
+                if in_queue is None:  # bounded by the queue, unlike the catalog
+                    in_queue = _queued_now(settings)
+                before = len(todo)
+                todo = [r for r in todo if r.spectrum_id not in in_queue]
+                queued += before - len(todo)
+            enqueued += len(todo)
+            pending.extend(todo)
+            full = len(pending) - len(pending) % chunk_size
+            publish(pending[:full])
+            del pending[:full]
+        publish(pending)
         messages = publisher.messages
     return EnqueueReport(
-        found=len(requests),
-        skipped=len(skipped),
+        found=found,
+        skipped=skipped,
         queued=queued,
-        enqueued=len(todo),
+        enqueued=enqueued,
         messages=messages,
         seconds=time.perf_counter() - t0,
         model_id=model_id,
     )
+
+
+def _queued_now(settings: Settings) -> set[str]:
+    client = redis_client(settings)
+    try:
+        return queued_spectrum_ids(client)
+    finally:
+        client.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer.catalog import read_catalog
+from producer.catalog import iter_catalog, read_catalog
 from producer.enqueue import (
     BrokerError,
     chunks,
@@ -212,3 +212,73 @@ def test_a_large_catalog_goes_out_in_full_chunks(tmp_path: Path, settings: Setti
     report = enqueue(read_catalog(_catalog(tmp_path, n)), settings, chunk_size=128)
     assert report.enqueued == n and report.messages == -(-n // 128)
     assert redis.Redis.from_url(redis_url).llen(QUEUE) == report.messages
+
+
+def test_blocks_skip_what_is_done_and_chunks_run_across_blocks(tmp_path: Path, settings: Settings, redis_url: str):
+    """A catalog read three rows at a time: each block checked against the table, the
+    messages as full as for one list (chunks of 4 across blocks), the same report."""
+    catalog = _catalog(tmp_path, 10)
+    model_id = model_id_of(settings.model_path)
+    _write_rows(settings.database_url, model_id, ["star-00001", "star-00004", "star-00009"])
+    progress: list[int] = []
+    report = enqueue(iter_catalog(catalog, block_rows=3), settings, chunk_size=4, on_progress=progress.append)
+    assert (report.found, report.skipped, report.enqueued, report.messages) == (10, 3, 7, 2)
+    assert progress == [4, 3]
+    sent = [[s["spectrum_id"] for s in m["kwargs"]["spectra"]] for m in queued_messages(redis_url)]
+    assert sent == [["star-00000", "star-00002", "star-00003", "star-00005"],
+                    ["star-00006", "star-00007", "star-00008"]]
+    # The same as the whole list, message for message.
+    redis.Redis.from_url(redis_url).flushdb()
+    whole = enqueue(read_catalog(catalog), settings, chunk_size=4)
+    assert (whole.found, whole.skipped, whole.enqueued, whole.messages) == (10, 3, 7, 2)
+    assert [[s["spectrum_id"] for s in m["kwargs"]["spectra"]] for m in queued_messages(redis_url)] == sent
+
+
+def test_reconcile_over_blocks_reads_the_queue_once(tmp_path: Path, settings: Settings, redis_url: str, monkeypatch):
+    catalog = _catalog(tmp_path, 9)
+    enqueue(read_catalog(catalog)[:4], settings, chunk_size=2)  # 4 on the queue
+    _write_rows(settings.database_url, model_id_of(settings.model_path), ["star-00005"])
+    import producer.enqueue as enqueue_module
+
+    reads: list[int] = []
+    real = enqueue_module.queued_spectrum_ids
+    monkeypatch.setattr(enqueue_module, "queued_spectrum_ids", lambda client: reads.append(1) or real(client))
+    report = enqueue(iter_catalog(catalog, block_rows=2), settings, chunk_size=10, skip_queued=True)
+    assert (report.found, report.skipped, report.queued, report.enqueued) == (9, 1, 4, 4)
+    assert reads == [1]
+    last = queued_messages(redis_url)[-1]["kwargs"]["spectra"]
+    assert [s["spectrum_id"] for s in last] == ["star-00004", "star-00006", "star-00007", "star-00008"]
+
+
+def test_produce_and_reconcile_stream_a_catalog_of_many_blocks(
+    capsys, tmp_path: Path, settings: Settings, redis_url: str, monkeypatch
+):
+    """The commands over a catalog of 50 rows read 7 at a time: the done ones skipped, every
+    other one sent once, and no skip check larger than a block."""
+    from _service import run_cli
+
+    import producer.catalog as catalog_module
+    from worker import results
+
+    monkeypatch.setattr(catalog_module, "BLOCK_ROWS", 7)
+    checks: list[int] = []
+    real = results.existing_spectrum_ids
+    monkeypatch.setattr(results, "existing_spectrum_ids",
+                        lambda engine, model_id, ids: checks.append(len(ids)) or real(engine, model_id, ids))
+    catalog = _catalog(tmp_path, 50)
+    done = [f"star-{i:05d}" for i in range(0, 50, 5)]
+    _write_rows(settings.database_url, model_id_of(settings.model_path), done)
+    common = ["--broker", redis_url, "--db", settings.database_url, "--model", str(settings.model_path)]
+
+    code, out, err = run_cli(capsys, "produce", "--catalog", str(catalog), "--chunk-size", "16", *common)
+    assert code == 0, out + err
+    assert "found 50 spectra" in out and "enqueued 40 spectra in 3 messages" in out and "skipped 10" in out
+    assert len(checks) == 8 and max(checks) == 7
+    sent = [s["spectrum_id"] for m in queued_messages(redis_url) for s in m["kwargs"]["spectra"]]
+    assert sent == [f"star-{i:05d}" for i in range(50) if i % 5]
+
+    code, out, err = run_cli(capsys, "reconcile", "--catalog", str(catalog), *common)
+    assert code == 0 and "10 have a row" in out and "40 are on the queue; enqueued 0" in out, out + err
+    redis.Redis.from_url(redis_url).delete(QUEUE)
+    code, out, err = run_cli(capsys, "reconcile", "--catalog", str(catalog), "--chunk-size", "16", *common)
+    assert code == 0 and "0 are on the queue; enqueued 40 in 3 messages" in out, out + err
