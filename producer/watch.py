@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from producer.catalog import CatalogError, read_catalog, scan_spectra
+from producer.catalog import CatalogError, iter_catalog, scan_spectra
 from producer.enqueue import (
     DEFAULT_CHUNK_SIZE,
     Publisher,
@@ -222,11 +222,17 @@ class Watcher:
         return (st.st_size, st.st_mtime_ns)
 
     def _load_catalog(self, version: tuple[int, int] | None) -> None:
-        rows = read_catalog(self.catalog)  # type: ignore[arg-type]
-        added = sum(1 for r in rows if r.path not in self._catalog_rows)
-        self._catalog_rows = {r.path: r for r in rows}
+        # Block by block into the path -> request map (the map is what the polls need; no
+        # list of the whole catalog beside it).
+        rows: dict[str, SpectrumRequest] = {}
+        count = added = 0
+        for block in iter_catalog(self.catalog):  # type: ignore[arg-type]
+            count += len(block)
+            added += sum(1 for r in block if r.path not in self._catalog_rows)
+            rows.update((r.path, r) for r in block)
+        self._catalog_rows = rows
         self._catalog_version = version
-        self.log(f"catalog {self.catalog}: {len(rows)} rows ({added} new)")
+        self.log(f"catalog {self.catalog}: {count} rows ({added} new)")
 
     def _refresh_catalog(self, now: float) -> None:
         version = self._stat_catalog()

@@ -328,3 +328,36 @@ def test_reconcile_sends_again_what_the_broker_lost(
     assert sum(r.reconciled for r in h.polls(40)) == 0  # b is queued again: nothing more
     h.close()
     engine.dispose()
+
+
+def test_a_catalog_read_block_by_block(
+    settings: Settings, tmp_path: Path, apstar_files: list[Path], redis_url: str, monkeypatch
+):
+    """--catalog without folders, read one row at a time: every row's file, id and photometry,
+    an exact repeat once, and a bad catalog refused at the start with its row."""
+    import producer.catalog as catalog_module
+
+    monkeypatch.setattr(catalog_module, "BLOCK_ROWS", 1)
+    a, b = apstar_files
+    elsewhere = tmp_path / "elsewhere"
+    _copy(a, elsewhere / a.name, age=60)
+    _copy(b, elsewhere / b.name, age=60)
+    catalog = tmp_path / "stars.csv"
+    catalog.write_text(
+        f"path,spectrum_id,K,E_BV\nelsewhere/{a.name},star-a,9.811,0.25\n"
+        f"elsewhere/{b.name},star-b,,0.1\nelsewhere/{a.name},star-a,9.811,0.25\n"
+    )
+    h = Harness(settings, [], catalog=catalog)
+    assert any("2 rows (2 new)" in line for line in h.lines)
+    assert sum(r.enqueued for r in h.polls(3)) == 2
+    assert sorted(_spectra_sent(redis_url), key=lambda s: s["spectrum_id"]) == [
+        {"spectrum_id": "star-a", "path": str(elsewhere / a.name), "k_mag": 9.811, "ebv": 0.25},
+        {"spectrum_id": "star-b", "path": str(elsewhere / b.name), "k_mag": None, "ebv": 0.1},
+    ]
+    h.close()
+
+    catalog.write_text(f"path,K\nelsewhere/{a.name},9.8\nelsewhere/{b.name},faint\n")
+    from producer.catalog import CatalogError
+
+    with pytest.raises(CatalogError, match="row 2, column 'K' is not numeric"):
+        Watcher([], publisher=None, state=None, model_id="m", catalog=catalog)  # type: ignore[arg-type]
