@@ -326,6 +326,105 @@ def test_summary(engine: sa.Engine):
     assert results.summary(engine, model_id=OTHER_MODEL) == [lines[1]]
 
 
+def _counts_from_rows(engine: sa.Engine) -> dict[tuple, int]:
+    """The truth the counts table must tell, counted here in Python from the rows themselves."""
+    out: dict[tuple, int] = {}
+    for r in all_rows(engine):
+        key = (r["model_id"], r["result_flags"], r["flag_warn"], r["flag_bad"], r["dist"] is not None,
+               r["attempts"], r["device"], r["mask_rng"])
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def _counts_kept(engine: sa.Engine) -> dict[tuple, int]:
+    """What the database's triggers kept (deltas summed per key, zero counts left out)."""
+    counts = results.result_counts
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(counts))
+    out: dict[tuple, int] = {}
+    for r in rows:
+        m = r._mapping
+        key = tuple(bool(m[k]) if k in ("flag_warn", "flag_bad", "has_dist") else m[k] for k in results.COUNT_KEY)
+        out[key] = out.get(key, 0) + r.row_count
+    return {k: n for k, n in out.items() if n}
+
+
+def test_the_counts_follow_every_kind_of_write(engine: sa.Engine):
+    """Inserts, upserts that change a row's flags, upserts that rewrite a row as it was, plain
+    UPDATE and DELETE statements: after each, the counts equal the rows counted one by one, and
+    summary() equals the aggregate over the rows."""
+    def check() -> None:
+        assert _counts_kept(engine) == _counts_from_rows(engine)
+
+    check()
+    results.upsert_results(engine, [row(f"s{i}") for i in range(20)] + [no_result("broken")])
+    check()
+    results.upsert_results(engine, [row("s1", result_flags=4, flag_warn=True), no_result("s2"),
+                                    row("s3", device=None, mask_rng=None), row("o1", OTHER_MODEL)])
+    check()
+    results.upsert_results(engine, [row("s1", result_flags=4, flag_warn=True)])  # as it was
+    results.upsert_results(engine, [row("s4")], attempts=3)
+    check()
+    with engine.begin() as conn:
+        conn.execute(sa.update(table).where(table.c.spectrum_id.in_(["s5", "s6"])).values(flag_bad=True, result_flags=1))
+        conn.execute(sa.delete(table).where(table.c.spectrum_id.in_(["s7", "broken", "o1"])))
+    check()
+    assert sorted(results.computed_by(engine), key=lambda line: line["rows"]) == [
+        {"model_id": MODEL, "device": None, "mask_rng": None, "rows": 1},
+        {"model_id": MODEL, "device": "cpu", "mask_rng": "numpy-SFC64", "rows": 18},
+    ]
+    (line,) = results.summary(engine)
+    assert {k: v for k, v in line.items() if k != "last_created"} == {
+        "model_id": MODEL, "rows": 19, "results": 18, "no_result": 1, "flag_bad": 3, "flag_warn": 1,
+        "fakemag_unreliable": 2, "missing_photometry": 0, "missing_extinction": 1, "max_attempts": 3,
+    }
+    assert line["last_created"] == max(r["created"] for r in all_rows(engine))
+    with engine.begin() as conn:
+        conn.execute(sa.delete(table))
+    check()
+    assert results.summary(engine)[0]["rows"] == 0
+
+
+def test_postgresql_folds_the_count_deltas(postgres_url: str):
+    """Each statement appends its deltas (no lock on a shared counter); compact_counts folds
+    them into one row per key without changing a count, and TRUNCATE empties them."""
+    results.migrate(postgres_url)
+    engine = results.make_engine(postgres_url)
+    for i in range(30):
+        results.upsert_results(engine, [row(f"s{i}"), row(f"t{i}", result_flags=4, flag_warn=True)])
+    results.upsert_results(engine, [row(f"s{i}", attempts=2) for i in range(10)])
+    with engine.connect() as conn:
+        deltas = conn.scalar(sa.select(sa.func.count()).select_from(results.result_counts))
+    before = _counts_kept(engine)
+    assert deltas > len(before) == 3
+    assert results.compact_counts(engine, at_least=deltas + 1) == 0  # not yet worth it
+    assert results.compact_counts(engine, at_least=1) == deltas
+    with engine.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).select_from(results.result_counts)) == 3
+    assert _counts_kept(engine) == before == _counts_from_rows(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"TRUNCATE {results.TABLE_NAME}"))
+    assert _counts_kept(engine) == {}
+    engine.dispose()
+
+
+def test_summary_asks_for_migrate_before_the_counts(db_url: str):
+    from alembic import command
+
+    engine = results.make_engine(db_url)
+    config = results.alembic_config()
+    with results.migration_transaction(engine) as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0002")
+    with pytest.raises(results.SchemaError, match="run astronn-dist migrate"):
+        results.summary(engine)
+    results.upsert_results(engine, [row("kept"), no_result("lost")])
+    results.migrate(engine)  # counts the rows already there
+    assert _counts_kept(engine) == _counts_from_rows(engine)
+    assert results.summary(engine)[0]["rows"] == 2
+    engine.dispose()
+
+
 def test_export_rows(engine: sa.Engine):
     _seed_requeue(engine)
     exported = list(results.export_rows(engine, batch_size=2))
@@ -373,6 +472,7 @@ def test_concurrent_upserts_leave_one_row_per_key(engine: sa.Engine, db_url: str
     assert hosts["star-00000"] == "w0" and hosts["star-04499"] == "w1500"
     assert {hosts[f"star-{i:05d}"] for i in range(1500, 3000)} <= {"w0", "w1500"}
     assert {r["attempts"] for r in rows} == {5}
+    assert _counts_from_rows(engine) == _counts_kept(engine)  # the triggers raced as the writers did
 
 
 def test_upgrade_from_0001_keeps_rows_and_adds_how_they_were_computed(db_url: str):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from worker.contract import (
     SpectrumRequest,
 )
 VERSION_TABLE = "astro_nn_dist_alembic_version"
+COUNTS_TABLE = f"{TABLE_NAME}_counts"
 """Alembic's bookkeeping table. Not the default ``alembic_version``: a production PostgreSQL
 database may be shared with other applications that run their own Alembic migrations."""
 
@@ -127,6 +129,8 @@ class AstroNNDist(Base):
         sa.UniqueConstraint("model_id", "spectrum_id", name="uq_astro_nn_dist_model_spectrum"),
         # requeue --bad/--failed (failed rows are bad rows too) and the status counts.
         sa.Index("ix_astro_nn_dist_model_bad", "model_id", "flag_bad"),
+        # Each model's latest row for status (revision 0003), and export --since.
+        sa.Index("ix_astro_nn_dist_model_created", "model_id", "created"),
     )
 
     id: Mapped[int] = mapped_column(_ID_TYPE, primary_key=True, autoincrement=True)
@@ -159,6 +163,32 @@ class AstroNNDist(Base):
 
 astro_nn_dist: sa.Table = AstroNNDist.__table__  # type: ignore[assignment]
 """The Core table (for ``select``/``update``); the ORM class is :class:`AstroNNDist`."""
+
+COUNT_KEY = ("model_id", "result_flags", "flag_warn", "flag_bad", "has_dist", "attempts", "device", "mask_rng")
+"""What status reports on, as kept per combination in :data:`result_counts` (``has_dist``: the row
+has a distance)."""
+
+result_counts = sa.Table(
+    COUNTS_TABLE,
+    Base.metadata,
+    sa.Column("model_id", sa.String(255), nullable=False),
+    sa.Column("result_flags", sa.Integer, nullable=False),
+    sa.Column("flag_warn", sa.Boolean, nullable=False),
+    sa.Column("flag_bad", sa.Boolean, nullable=False),
+    sa.Column("has_dist", sa.Boolean, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("device", sa.String(16)),
+    sa.Column("mask_rng", sa.String(64)),
+    sa.Column("row_count", sa.BigInteger, nullable=False),
+    sa.Index(f"ix_{COUNTS_TABLE}_key", *COUNT_KEY),
+)
+"""Rows of the results table per :data:`COUNT_KEY`, kept by the database's triggers (revision
+0003: on PostgreSQL appended deltas, summed per key; on SQLite one row per key); read by
+:func:`summary` and :func:`computed_by`, never written by this code except :func:`compact_counts`."""
+
+COMPACT_COUNTS_AT = 10_000
+"""Delta rows (PostgreSQL) past which :func:`summary` folds them into one row per key (a write of
+one chunk adds a row per key it touches, a few; summing 10,000 takes milliseconds)."""
 
 KEY_COLUMNS = ("model_id", "spectrum_id")
 _WRITABLE = tuple(c.name for c in astro_nn_dist.columns if c.name not in ("id", "created"))
@@ -232,7 +262,7 @@ def make_engine(url: str | sa.URL) -> Engine:
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
         if not memory:
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _set_wal(cursor)
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -241,6 +271,23 @@ def make_engine(url: str | sa.URL) -> Engine:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def _set_wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode = WAL``, retried while another process holds the file: on a new
+    file still in rollback mode the switch needs the lock and SQLite does not wait for it
+    (no busy handler), so two workers starting at once on a new file would see "locked"."""
+    import sqlite3
+
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 @contextmanager
@@ -421,6 +468,7 @@ def upsert_results(
     return len(prepared)
 
 
+
 def _upsert_statement(dialect: str) -> Any:
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
@@ -511,8 +559,8 @@ def _reading(target: Engine | Connection) -> Iterator[Connection]:
             yield conn
 
 
-def _has_flag(bit: int) -> sa.ColumnElement[bool]:
-    return astro_nn_dist.c.result_flags.op("&")(bit) != 0
+def _has_flag(bit: int, flags: sa.ColumnElement[int] = astro_nn_dist.c.result_flags) -> sa.ColumnElement[bool]:
+    return flags.op("&")(bit) != 0
 
 
 def _outcome_condition(outcome: str) -> sa.ColumnElement[bool]:
@@ -592,27 +640,43 @@ def summary(engine: Engine | Connection, model_id: str | None = None) -> list[di
     Keys: model_id, rows, results (rows with a distance), no_result, flag_bad, flag_warn, the
     other flag bits (fakemag_unreliable, missing_photometry, missing_extinction), max_attempts,
     last_created (aware UTC datetime or None). No rows at all: one line of zeros.
+
+    Reads :data:`result_counts` and one index seek per model for ``last_created``, never the
+    result rows, so it takes the same milliseconds at any table size.
+
+    Raises:
+        SchemaError: the table predates the counts (revision 0003): run ``astronn-dist migrate``.
     """
-    t = astro_nn_dist
+    if isinstance(engine, Engine):
+        compact_counts(engine)
+    counts = _counts()
 
     def count(condition: sa.ColumnElement[bool]) -> Any:
-        return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)
+        return sa.func.coalesce(sa.func.sum(sa.case((condition, counts.c.row_count), else_=0)), 0)
 
+    bits = {name: bit for name, bit in FLAG_COUNTS.items() if name != "no_result"}
     aggregates = [
-        sa.func.count().label("rows"),
-        count(t.c.dist.is_not(None)).label("results"),
-        count(_has_flag(FLAG_NO_RESULT)).label("no_result"),
-        count(t.c.flag_bad.is_(True)).label("flag_bad"),
-        count(t.c.flag_warn.is_(True)).label("flag_warn"),
-        *(count(_has_flag(bit)).label(name) for name, bit in FLAG_COUNTS.items() if name != "no_result"),
-        sa.func.max(t.c.attempts).label("max_attempts"),
-        sa.func.max(t.c.created).label("last_created"),
+        sa.func.coalesce(sa.func.sum(counts.c.row_count), 0).label("rows"),
+        count(counts.c.has_dist.is_(True)).label("results"),
+        count(_has_flag(FLAG_NO_RESULT, counts.c.result_flags)).label("no_result"),
+        count(counts.c.flag_bad.is_(True)).label("flag_bad"),
+        count(counts.c.flag_warn.is_(True)).label("flag_warn"),
+        *(count(_has_flag(bit, counts.c.result_flags)).label(name) for name, bit in bits.items()),
+        sa.func.max(counts.c.attempts).label("max_attempts"),
     ]
-    query = sa.select(t.c.model_id, *aggregates).group_by(t.c.model_id).order_by(t.c.model_id)
+    query = sa.select(counts.c.model_id, *aggregates).group_by(counts.c.model_id).order_by(counts.c.model_id)
     if model_id is not None:
-        query = query.where(t.c.model_id == model_id)
+        query = query.where(counts.c.model_id == model_id)
+    latest = sa.select(sa.func.max(astro_nn_dist.c.created)).where(
+        astro_nn_dist.c.model_id == sa.bindparam("model_id")
+    )
     with _reading(engine) as conn:
-        lines = [_summary_line(r._mapping) for r in conn.execute(query)]
+        _require_counts(conn)
+        lines = []
+        for row in conn.execute(query):
+            line = dict(row._mapping)
+            line["last_created"] = conn.scalar(latest, {"model_id": line["model_id"]})
+            lines.append(_summary_line(line))
     if not lines:
         zero = {a.name: 0 for a in aggregates}
         return [{"model_id": model_id or "", **zero, "max_attempts": None, "last_created": None}]
@@ -630,14 +694,64 @@ def summary(engine: Engine | Connection, model_id: str | None = None) -> list[di
 def computed_by(engine: Engine | Connection, model_id: str | None = None) -> list[dict[str, Any]]:
     """Rows by how they were computed: ``{"model_id", "device", "mask_rng", "rows"}`` per
     combination (None: a row written before revision 0002), for ``status``."""
-    t = astro_nn_dist
-    query = (sa.select(t.c.model_id, t.c.device, t.c.mask_rng, sa.func.count().label("rows"))
-             .group_by(t.c.model_id, t.c.device, t.c.mask_rng)
-             .order_by(t.c.model_id, t.c.device, t.c.mask_rng))
+    counts = _counts()
+    how = (counts.c.model_id, counts.c.device, counts.c.mask_rng)
+    query = (sa.select(*how, sa.func.sum(counts.c.row_count).label("rows"))
+             .group_by(*how).having(sa.func.sum(counts.c.row_count) != 0).order_by(*how))
     if model_id is not None:
-        query = query.where(t.c.model_id == model_id)
+        query = query.where(counts.c.model_id == model_id)
     with _reading(engine) as conn:
-        return [dict(r._mapping) for r in conn.execute(query)]
+        _require_counts(conn)
+        return [{**r._mapping, "rows": int(r.rows)} for r in conn.execute(query)]
+
+
+def _counts() -> sa.Subquery:
+    """:data:`result_counts` with one row per key (PostgreSQL's deltas summed), zeros left out."""
+    c = result_counts
+    key = [c.c[name] for name in COUNT_KEY]
+    total = sa.func.sum(c.c.row_count)
+    return sa.select(*key, total.label("row_count")).group_by(*key).having(total != 0).subquery()
+
+
+def _require_counts(conn: Connection) -> None:
+    if not sa.inspect(conn).has_table(COUNTS_TABLE):
+        raise SchemaError(
+            f"the results database has no {COUNTS_TABLE} table (revision 0003): "
+            "run astronn-dist migrate, or start a worker, to upgrade it"
+        )
+
+
+def compact_counts(engine: Engine, at_least: int = COMPACT_COUNTS_AT) -> int:
+    """Fold PostgreSQL's count deltas into one row per key once there are ``at_least`` of them.
+
+    Safe beside writers and other compactions: the DELETE takes only the delta rows its
+    snapshot sees (a writer's new deltas stay), and a second compaction skips the rows the first
+    deleted, so every delta is summed exactly once. A role that may not delete (a read-only
+    user) leaves the deltas as they are: :func:`summary` sums them all the same.
+
+    Returns:
+        The delta rows folded (0 on SQLite, which keeps one row per key already).
+    """
+    if engine.dialect.name != "postgresql":
+        return 0
+    keys = ", ".join(COUNT_KEY)
+    try:
+        with engine.begin() as conn:
+            if not sa.inspect(conn).has_table(COUNTS_TABLE):
+                return 0
+            if conn.scalar(sa.select(sa.func.count()).select_from(result_counts)) < at_least:
+                return 0
+            folded = conn.execute(sa.text(
+                f"WITH gone AS (DELETE FROM {COUNTS_TABLE} RETURNING {keys}, row_count), "
+                f"summed AS (INSERT INTO {COUNTS_TABLE} ({keys}, row_count) "
+                f"SELECT {keys}, sum(row_count) FROM gone GROUP BY {keys} HAVING sum(row_count) <> 0) "
+                "SELECT count(*) FROM gone"
+            )).scalar_one()
+    except sa.exc.ProgrammingError as exc:
+        if getattr(exc.orig, "sqlstate", None) != "42501":  # insufficient_privilege
+            raise
+        return 0
+    return int(folded)
 
 
 def _summary_line(mapping: Mapping[str, Any]) -> dict[str, Any]:
