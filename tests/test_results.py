@@ -408,6 +408,30 @@ def test_postgresql_folds_the_count_deltas(postgres_url: str):
     engine.dispose()
 
 
+def test_bulk_writes_go_through_copy_and_stay_idempotent(engine: sa.Engine, monkeypatch):
+    """From COPY_AT rows on PostgreSQL, COPY into a temporary table and one upsert: the rows are
+    those the plain INSERT path writes (NaN as NULL, aware UTC times, non-ASCII ids), twice in
+    one transaction leaves no row of the first call behind, and writing again changes nothing
+    but the values written."""
+    monkeypatch.setattr(results, "COPY_AT", 3)
+    batch = [row("é-1", k_mag=math.nan), no_result("b-2"), row("c-3", device=None), row("d-4")]
+    with engine.begin() as conn:
+        assert results.upsert_results(conn, batch[:3]) == 3
+        assert results.upsert_results(conn, [row("e-5"), row("f-6", ebv=math.nan), row("é-1", dist=7.0)]) == 3
+    copied = all_rows(engine)
+    monkeypatch.setattr(results, "COPY_AT", 10**9)
+    results.upsert_results(engine, [row("é-1", dist=7.0), no_result("b-2"), row("c-3", device=None),
+                                    row("e-5"), row("f-6", ebv=math.nan)])
+    plain = all_rows(engine)
+    ignore = ("id", "created")
+    assert [{k: v for k, v in r.items() if k not in ignore} for r in copied] == \
+        [{k: v for k, v in r.items() if k not in ignore} for r in plain]
+    assert [r["id"] for r in copied] == [r["id"] for r in plain]  # updated in place
+    assert copied[-1]["spectrum_id"] == "é-1" and copied[-1]["dist"] == 7.0 and copied[-2]["ebv"] is None
+    assert all(r["created"].tzinfo == timezone.utc for r in copied)
+    assert _counts_kept(engine) == _counts_from_rows(engine)
+
+
 def test_summary_asks_for_migrate_before_the_counts(db_url: str):
     from alembic import command
 

