@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.table import Row, print_rows
-from worker.continuum import normalize
-from worker.spectra import read_apstar
+from astronn_dist.worker.science.continuum import normalize
+from astronn_dist.worker.science.spectra import read_apstar
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "apstar"
 
@@ -37,7 +37,7 @@ def run(n: int = 512, batch: int = 128) -> list[Row]:
     t0 = time.perf_counter()
     for start in range(0, n, batch):
         normalize(flux[start:start + batch], err[start:start + batch], bitmask[start:start + batch])
-    rows.append(Row("continuum", "worker.continuum.normalize", f"batch {batch}, 1 process",
+    rows.append(Row("continuum", "astronn_dist.worker.science.continuum.normalize", f"batch {batch}, 1 process",
                     n, time.perf_counter() - t0))
     try:
         from astroNN.apogee import apogee_continuum

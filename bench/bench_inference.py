@@ -1,7 +1,7 @@
 """Throughput of MC-dropout inference: the fast Predictor against the reference algorithm.
 
 The reference is SDSS-V astra's ``ApogeeDistBCNN.predict``: for a batch, ``passes`` full forward
-passes of the network with dropout on (here :class:`worker.model.ApogeeDistBCNN` in train mode),
+passes of the network with dropout on (here :class:`astronn_dist.worker.science.model.ApogeeDistBCNN` in train mode),
 then the mean/variance. Both run in the same process, on the same spectra and weights, so the
 ratio is meaningful even on a busy machine (the absolute numbers are not).
 
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from bench.table import Row, format_rows
-from worker.inference import Predictor, resolve_device
-from worker.model import ApogeeDistBCNN, LoadedModel
+from astronn_dist.worker.science.inference import Predictor, resolve_device
+from astronn_dist.worker.science.model import ApogeeDistBCNN, LoadedModel
 
 
 def _sync(device: torch.device) -> None:
@@ -61,7 +61,7 @@ def predictor_rate(pred: Predictor, flux: np.ndarray, batch: int) -> Row:
     for start in range(0, len(flux), batch):
         pred.predict(flux[start : start + batch], ids[start : start + batch])
     _sync(pred.device)
-    return Row("inference", "worker.inference.Predictor",
+    return Row("inference", "astronn_dist.worker.science.inference.Predictor",
                _conditions(pred.device, batch, pred.mc_passes, pred.threads),
                len(flux), time.perf_counter() - t0)
 

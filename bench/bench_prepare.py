@@ -8,9 +8,9 @@ Readers, each giving row 0 of HDU1-3 and the primary header's K:
   * astropy, memmap: ``fits.open(p, memmap=True, lazy_load_hdus=True)``, rows copied out;
   * astropy, lazy + section: what read_apstar falls back to (``_read_with_astropy``);
   * fitsio (cfitsio), when installed: ``fitsio.FITS(p)[i][0:1, :]``;
-  * read_apstar: worker.fastfits for plain well-formed files, the astropy path for the rest;
+  * read_apstar: astronn_dist.worker.science.fastfits for plain well-formed files, the astropy path for the rest;
   * numpy, whole file: ``np.fromfile`` of all its bytes (what the I/O alone costs).
-Files: the two real DR17 files and ``--files`` synthetic ones (worker.synth, 1-3 visits), page
+Files: the two real DR17 files and ``--files`` synthetic ones (astronn_dist.worker.modeling.synth, 1-3 visits), page
 cache warm. "prepare" = read_apstar + normalize + conv1 for batches of 32, the work a preparing
 process does before the MC passes.
 """
@@ -27,8 +27,9 @@ import numpy as np
 from astropy.io import fits
 
 from bench.table import Row, print_rows
-from worker import spectra, synth
-from worker.continuum import normalize
+from astronn_dist.worker.science import spectra
+from astronn_dist.worker.modeling import synth
+from astronn_dist.worker.science.continuum import normalize
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "apstar"
 
@@ -71,7 +72,7 @@ def readers() -> list[tuple[str, Callable[[str], object]]]:
         out.append(("fitsio 1.x (cfitsio)", _fitsio))
     except ImportError:
         out.append(("fitsio (not installed: pip install fitsio)", None))  # type: ignore[arg-type]
-    out += [("read_apstar (worker.fastfits)", spectra.read_apstar),
+    out += [("read_apstar (astronn_dist.worker.science.fastfits)", spectra.read_apstar),
             ("numpy, whole file (I/O bound)", _numpy_whole)]
     return out
 
@@ -87,9 +88,9 @@ def _rate(fn: Callable[[], int], seconds: float) -> tuple[int, float]:
 def _conv1():
     import torch
 
-    from worker.config import BUNDLED_MODEL
-    from worker.inference import Predictor
-    from worker.model import load_model
+    from astronn_dist.worker.config import BUNDLED_MODEL
+    from astronn_dist.worker.science.inference import Predictor
+    from astronn_dist.worker.science.model import load_model
 
     torch.set_num_threads(1)
     predictor = Predictor(load_model(BUNDLED_MODEL, device=torch.device("cpu")), mc_passes=2, threads=1)

@@ -4,7 +4,7 @@ and the reference algorithm's inference (SDSS-V's: full forward passes with drop
 
     python -m bench.bench_run [--spectra 2000] [--files 200]
 
-The spectra are ``--files`` synthetic apStar files (worker.synth), each listed several times in
+The spectra are ``--files`` synthetic apStar files (astronn_dist.worker.modeling.synth), each listed several times in
 a catalog under distinct spectrum_ids (the masks differ by id). ``run`` is a subprocess with its
 default plan (one process per core); its rate is taken once the model is loaded (its summary
 line), and the wall clock with start-up is noted beside it.
@@ -26,9 +26,7 @@ import numpy as np
 
 from bench.bench_prepare import _astropy_plain, _rate
 from bench.table import Row, print_rows
-from worker import synth
-
-
+from astronn_dist.worker.modeling import synth
 def _catalog(work: Path, n_files: int, n_spectra: int) -> tuple[Path, list[str]]:
     synth.write_survey(work, n_files, seed=13, visits=(1, 2))
     files = sorted(str(p) for p in (work / "apstar").glob("*.fits"))
@@ -45,7 +43,7 @@ def _run(catalog: Path, db: Path, passes: int) -> tuple[float, float, str]:
     """(spectra/s once loaded, wall seconds, the plan line) of one ``astronn-dist run``."""
     t0 = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "run", "--catalog", str(catalog), "--db",
+        [sys.executable, "-m", "astronn_dist.producer.cli", "run", "--catalog", str(catalog), "--db",
          f"sqlite:///{db}", "--mc-passes", str(passes), "--device", "cpu"],
         capture_output=True, text=True, check=True,
     ).stdout
@@ -59,9 +57,9 @@ def _predictor_fixed_cost(spectra: int = 256) -> Row:
     """Predictor at 2 MC passes, one thread: what a spectrum costs beyond its passes."""
     import torch
 
-    from worker.config import BUNDLED_MODEL
-    from worker.inference import Predictor
-    from worker.model import load_model
+    from astronn_dist.worker.config import BUNDLED_MODEL
+    from astronn_dist.worker.science.inference import Predictor
+    from astronn_dist.worker.science.model import load_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -83,7 +81,7 @@ def _reference_rate(passes: int = 100, spectra: int = 64) -> Row:
     import torch
 
     from bench.bench_inference import reference_rate
-    from worker.model import ApogeeDistBCNN
+    from astronn_dist.worker.science.model import ApogeeDistBCNN
 
     torch.manual_seed(0)
     flux = 1.0 + 0.05 * np.random.default_rng(0).standard_normal((spectra, 7514))

@@ -13,7 +13,7 @@ few photometry cells NaN or empty; the paths do not exist, ``produce`` never ope
 
 * ``produce --catalog cat.csv`` against the empty table (everything enqueued),
 * the table filled with a row per catalog id under the bundled model's id, through
-  ``worker.results.upsert_results`` in blocks of 20,000 (in this process: the bulk write path;
+  ``astronn_dist.worker.service.results.upsert_results`` in blocks of 20,000 (in this process: the bulk write path;
   mostly results, some flag bits, some no-result rows, some NaN),
 * ``produce`` of cat.csv and cat.parquet and ``reconcile`` of cat.csv (everything skipped),
   ``status``, ``export`` to Parquet, FITS and CSV.
@@ -46,15 +46,15 @@ import numpy as np
 
 from bench.bench_service import _postgres_database
 from bench.table import Row, format_rows, print_rows
-from producer.enqueue import model_id_of
-from worker import PIPELINE_VERSION
-from worker.config import BUNDLED_MODEL, QUEUE
+from astronn_dist.producer.enqueue import model_id_of
+from astronn_dist.worker import PIPELINE_VERSION
+from astronn_dist.worker.config import BUNDLED_MODEL, QUEUE
 
 REPO = Path(__file__).resolve().parents[1]
 REDIS_DB = 13
 FILL_BLOCK = 20_000
-CLI = Path(sys.executable).parent / "astronn-dist"  # [project.scripts] -> producer.cli:main
-ARGV0 = [str(CLI)] if CLI.exists() else [sys.executable, "-m", "producer.cli"]
+CLI = Path(sys.executable).parent / "astronn-dist"  # [project.scripts] -> astronn_dist.producer.cli:main
+ARGV0 = [str(CLI)] if CLI.exists() else [sys.executable, "-m", "astronn_dist.producer.cli"]
 WRAPPER = (  # argv: RSS_FILE CMD...; writes the children's peak RSS [KiB] (Linux), exits as CMD
     "import resource, subprocess, sys; rc = subprocess.call(sys.argv[2:]); "
     "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); "
@@ -102,7 +102,7 @@ def make_catalog(folder: Path, n: int) -> tuple[Path, Path]:
 
 def fill(url: str, n: int, model_id: str, backend: str) -> Row:
     """A results row for each of the catalog's ids, ``FILL_BLOCK`` per upsert_results call."""
-    from worker.results import make_engine, migrate, upsert_results
+    from astronn_dist.worker.service.results import make_engine, migrate, upsert_results
 
     engine = make_engine(url)
     migrate(engine)
@@ -201,7 +201,7 @@ def backend_rows(backend: str, url: str, n: int, broker: str, work: Path, cat: t
         rows.append(row)
         print(format_rows([row]).splitlines()[-1], flush=True)
 
-    from worker.results import migrate
+    from astronn_dist.worker.service.results import migrate
 
     migrate(url)  # an empty table
     flush()

@@ -30,9 +30,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench.table import Row, print_rows
-from producer.enqueue import enqueue
-from worker.config import Settings
-from worker.contract import SpectrumRequest
+from astronn_dist.producer.enqueue import enqueue
+from astronn_dist.worker.config import Settings
+from astronn_dist.worker.contract import SpectrumRequest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "apstar"
@@ -57,7 +57,7 @@ def row_count(database_url: str, *, clear: bool = False) -> int:
     """Rows in the results table (``clear``: delete them all first, for a fresh run)."""
     import sqlalchemy as sa
 
-    from worker.results import make_engine
+    from astronn_dist.worker.service.results import make_engine
 
     engine = make_engine(database_url)
     try:
@@ -74,7 +74,7 @@ class WorkerProcess:
     core), optionally under ``taskset -c core`` (then one process, one thread)."""
 
     def __init__(self, settings: Settings, log: Path, core: int | None) -> None:
-        argv = [sys.executable, "-m", "producer.cli", "worker", "--device", "cpu",
+        argv = [sys.executable, "-m", "astronn_dist.producer.cli", "worker", "--device", "cpu",
                 "--metrics-port", "0", "--model", str(settings.model_path),
                 "--mc-passes", str(settings.mc_passes),
                 "--broker", settings.broker_url, "--db", settings.database_url]
@@ -136,7 +136,7 @@ def end_to_end(settings: Settings, requests: Sequence[SpectrumRequest], workers:
                pinned: bool, chunk: int, logs: Path, label: str) -> Row:
     import redis
 
-    from worker.results import migrate
+    from astronn_dist.worker.service.results import migrate
 
     redis.Redis.from_url(settings.broker_url).flushdb()
     migrate(settings.database_url)

@@ -51,7 +51,7 @@ echo "## 3. run end to end: $spectra spectra from $files synthetic files"
 "$py" - "$work" "$files" "$spectra" <<'EOF'
 import csv, sys
 from pathlib import Path
-from worker import synth
+from astronn_dist.worker.modeling import synth
 work, n_files, n_spectra = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 synth.write_survey(work, n_files, seed=7, visits=(1, 2))
 paths = sorted(p.name for p in (work / "apstar").glob("*.fits"))

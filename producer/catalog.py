@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.contract import SpectrumRequest
+from astronn_dist.worker.contract import SpectrumRequest
 
 # Canonical column -> accepted names (compared lower-case), in order of preference.
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {

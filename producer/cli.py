@@ -7,7 +7,7 @@
     astronn-dist requeue --failed | status | export OUT | migrate
     astronn-dist synth OUT --n N | train CATALOG --out M.pt | import-model FOLDER --out M.pt
 
-Flags override the ``ASTRONN_DIST_*`` environment variables (:class:`worker.config.Settings`).
+Flags override the ``ASTRONN_DIST_*`` environment variables (:class:`astronn_dist.worker.config.Settings`).
 Importing this module never imports torch: the commands that run the network (``run``,
 ``worker``, ``train``, ``import-model``) import it inside their function.
 
@@ -47,8 +47,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from producer.catalog import CatalogError, RequestBlocks, gather_blocks
-from producer.enqueue import (
+from astronn_dist.producer.catalog import CatalogError, RequestBlocks, gather_blocks
+from astronn_dist.producer.enqueue import (
     DEFAULT_CHUNK_SIZE,
     BrokerError,
     enqueue,
@@ -57,7 +57,7 @@ from producer.enqueue import (
     redis_client,
     split_done,
 )
-from worker.config import (
+from astronn_dist.worker.config import (
     DEFAULT_BROKER_URL,
     DEFAULT_DATABASE_URL,
     DEFAULT_MC_PASSES,
@@ -67,12 +67,12 @@ from worker.config import (
     QUEUE,
     Settings,
 )
-from worker.serve import MAX_CPU_PROCESSES, MAX_PROCESSES_PER_GPU
+from astronn_dist.worker.service.serve import MAX_CPU_PROCESSES, MAX_PROCESSES_PER_GPU
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-    from worker.contract import SpectrumRequest
+    from astronn_dist.worker.contract import SpectrumRequest
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -156,7 +156,7 @@ def _model_id(settings: Settings) -> str:
 
 def _engine(url: str, *, create: bool = False) -> Engine:
     """An engine on the results database; ``create``: also create/upgrade the table."""
-    from worker.results import make_engine, migrate
+    from astronn_dist.worker.service.results import make_engine, migrate
 
     engine = make_engine(url)
     if create:
@@ -165,7 +165,7 @@ def _engine(url: str, *, create: bool = False) -> Engine:
 
 
 def _has_table(engine: Engine) -> bool:
-    from worker.results import has_table
+    from astronn_dist.worker.service.results import has_table
 
     return has_table(engine)
 
@@ -212,7 +212,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def _rows_for(engine: Engine, model_id: str, spectrum_ids: Sequence[str]) -> list[dict[str, Any]]:
     """The results rows of ``spectrum_ids`` for ``model_id``, in the order of the ids."""
-    from worker.results import rows_for
+    from astronn_dist.worker.service.results import rows_for
 
     return rows_for(engine, model_id, spectrum_ids)
 
@@ -430,9 +430,9 @@ def _process_here(
     engine: Engine,
 ) -> float:
     """Run the chunks through the task body in processes planned as a worker's pool
-    (worker.local), with a progress bar. Returns the seconds from the model being loaded to
+    (astronn_dist.worker.service.local), with a progress bar. Returns the seconds from the model being loaded to
     the last row committed."""
-    from worker.local import plan_local, run_local
+    from astronn_dist.worker.service.local import plan_local, run_local
 
     try:
         plan = plan_local(settings, processes)
@@ -597,7 +597,7 @@ def worker(
         mc_passes=mc_passes, seed=seed, metrics_port=metrics_port, metrics_addr=metrics_addr,
     )
     _model_id(settings)  # fail early, before any process starts
-    from worker.serve import run_worker
+    from astronn_dist.worker.service.serve import run_worker
 
     try:
         run_worker(settings, device=settings.device, concurrency=concurrency,
@@ -640,8 +640,8 @@ def watch(
     Example:
       astronn-dist watch /data/apogee --min-age 5 --broker redis://host:6379/0
     """
-    from producer.enqueue import Publisher
-    from producer.watch import Watcher, WatchOptions, WatchState
+    from astronn_dist.producer.enqueue import Publisher
+    from astronn_dist.producer.watch import Watcher, WatchOptions, WatchState
 
     settings = _settings(broker_url=broker, database_url=db, model_path=model)
     model_id = _model_id(settings)
@@ -706,7 +706,7 @@ def requeue(
         raise UserError("choose what to requeue: --failed, --bad and/or --spectrum ID")
     settings = _settings(broker_url=broker, database_url=db, model_path=model)
     model_id = _model_id(settings)
-    from worker.results import select_for_requeue
+    from astronn_dist.worker.service.results import select_for_requeue
 
     engine = _engine(settings.database_url)
     if not _has_table(engine):
@@ -748,7 +748,7 @@ def status(
     """
     import redis
 
-    from worker.results import computed_by, summary
+    from astronn_dist.worker.service.results import computed_by, summary
 
     settings = _settings(broker_url=broker, database_url=db)
     console.print(f"broker   {mask_url(settings.broker_url)}")
@@ -774,7 +774,7 @@ def status(
 
 
 def _summary_table(lines: Sequence[dict[str, Any]]) -> Table:
-    """:func:`worker.results.summary` (one dict per model) as a table with a column per model."""
+    """:func:`astronn_dist.worker.service.results.summary` (one dict per model) as a table with a column per model."""
     table = Table(title="results by model")
     table.add_column("")
     for line in lines:
@@ -823,8 +823,8 @@ def export(
       astronn-dist export bad.parquet --bad --since 2026-12-01
       astronn-dist export all.csv --all-models --force
     """
-    from producer.export import ExportError, file_format
-    from producer.export import export as write_export
+    from astronn_dist.producer.export import ExportError, file_format
+    from astronn_dist.producer.export import export as write_export
 
     try:
         file_format(out)  # before the model's hash and the database: a typo fails at once
@@ -866,7 +866,7 @@ def migrate(db: DbOpt = None) -> None:
       astronn-dist migrate --db postgresql+psycopg://user@host/db
     """
     settings = _settings(database_url=db)
-    from worker.results import migrate as do_migrate
+    from astronn_dist.worker.service.results import migrate as do_migrate
 
     engine = _engine(settings.database_url)
     try:
@@ -898,7 +898,7 @@ def synth(
       astronn-dist synth survey --n 1000 --seed 1
       astronn-dist run survey/apstar
     """
-    from worker.synth import write_survey
+    from astronn_dist.worker.modeling.synth import write_survey
 
     catalog = write_survey(out_dir, n, seed)
     console.print(f"wrote {n} synthetic apStar files and {catalog}")
@@ -948,7 +948,7 @@ def train(
         raise UserError(f"{catalog}: catalog not found")
     if not 0.0 < val_fraction < 1.0:  # the range check of the option includes 0 and 1
         raise UserError(f"--val-fraction {val_fraction}: must be between 0 and 1, both excluded")
-    from worker.training import train as do_train
+    from astronn_dist.worker.modeling.training import train as do_train
 
     report = do_train(
         catalog, out, epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
@@ -979,7 +979,7 @@ def import_model(
     """
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder (give the astroNN model folder)")
-    from worker.import_astronn import import_model as do_import
+    from astronn_dist.worker.modeling.import_astronn import import_model as do_import
 
     path = do_import(folder, out)
     console.print(f"wrote {path} (model {model_id_of(path)})")
@@ -1010,11 +1010,11 @@ def _user_message(exc: BaseException) -> str | None:
     if isinstance(exc, (redis.exceptions.ConnectionError, kombu.exceptions.OperationalError)):
         return f"cannot reach the broker: {exc}"
     for module, name in (
-        ("worker.model", "CheckpointError"),
-        ("worker.spectra", "SpectrumError"),
-        ("worker.import_astronn", "AstroNNImportError"),
-        ("worker.messages", "MessageError"),
-        ("worker.results", "SchemaError"),
+        ("astronn_dist.worker.science.model", "CheckpointError"),
+        ("astronn_dist.worker.science.spectra", "SpectrumError"),
+        ("astronn_dist.worker.modeling.import_astronn", "AstroNNImportError"),
+        ("astronn_dist.worker.service.messages", "MessageError"),
+        ("astronn_dist.worker.service.results", "SchemaError"),
     ):
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None and isinstance(exc, cls):

@@ -1,7 +1,7 @@
 """Spectrum requests -> chunked JSON messages on the Redis queue, skipping what is already done.
 
     requests ──skip those with a row for this model (unless force)──> chunks of N
-             ──worker.messages.make_message──> send_task("astronn_dist.process", queue="astronn_dist")
+             ──astronn_dist.worker.service.messages.make_message──> send_task("astronn_dist.process", queue="astronn_dist")
 
 One broker connection and one kombu producer for the whole run: publishing a message is then an
 LPUSH (plus the task-sent event that Flower reads), and a chunk of 128 spectra costs about as
@@ -25,9 +25,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from worker.config import QUEUE, TASK_NAME, Settings
-from worker.contract import SpectrumRequest
-from worker.messages import MAX_CHUNK, make_message
+from astronn_dist.worker.config import QUEUE, TASK_NAME, Settings
+from astronn_dist.worker.contract import SpectrumRequest
+from astronn_dist.worker.service.messages import MAX_CHUNK, make_message
 
 if TYPE_CHECKING:
     import redis
@@ -46,7 +46,7 @@ class BrokerError(RuntimeError):
 
 
 def model_id_of(path: str | Path) -> str:
-    """The model id of a checkpoint, as :func:`worker.model.load_model` computes it:
+    """The model id of a checkpoint, as :func:`astronn_dist.worker.science.model.load_model` computes it:
     ``f"{file stem}-{sha256(file bytes)[:12]}"``, without importing torch.
 
     Raises:
@@ -89,7 +89,7 @@ def split_done(
 
     A database without the results table yet has nothing done.
     """
-    from worker.results import has_table
+    from astronn_dist.worker.service.results import has_table
 
     if not has_table(engine):
         return list(requests), []
@@ -100,7 +100,7 @@ def split_done(
 
 
 def _done_ids(requests: Sequence[SpectrumRequest], engine: Engine, model_id: str) -> set[str]:
-    from worker.results import existing_spectrum_ids
+    from astronn_dist.worker.service.results import existing_spectrum_ids
 
     return existing_spectrum_ids(engine, model_id, [r.spectrum_id for r in requests])
 
@@ -126,11 +126,11 @@ class _DoneFilter:
         if self.force or not block:
             return block
         if self.engine is None:
-            from worker.results import make_engine
+            from astronn_dist.worker.service.results import make_engine
 
             self.engine, self._own_engine = make_engine(self.settings.database_url), True
         if self._table is None:
-            from worker.results import has_table
+            from astronn_dist.worker.service.results import has_table
 
             self._table = has_table(self.engine)
         if not self._table:
@@ -193,13 +193,13 @@ def provenance(source: str, model_id: str | None = None) -> dict[str, Any]:
 class Publisher:
     """Sends chunks to the queue over one connection; use as a context manager.
 
-    ``app`` defaults to the service's Celery app (:func:`worker.app.make_app`), so the message
+    ``app`` defaults to the service's Celery app (:func:`astronn_dist.worker.service.app.make_app`), so the message
     has exactly the routing, serializer and headers the workers expect.
     """
 
     def __init__(self, settings: Settings, app: Celery | None = None) -> None:
         if app is None:
-            from worker.app import make_app
+            from astronn_dist.worker.service.app import make_app
 
             app = make_app(settings)
         self.app = app
@@ -270,7 +270,7 @@ class EnqueueReport:
 def _blocks_of(
     requests: Sequence[SpectrumRequest] | Iterable[Sequence[SpectrumRequest]],
 ) -> Iterable[Sequence[SpectrumRequest]]:
-    """A list of requests as one block; blocks (e.g. :func:`producer.catalog.iter_catalog`)
+    """A list of requests as one block; blocks (e.g. :func:`astronn_dist.producer.catalog.iter_catalog`)
     as they are."""
     if isinstance(requests, Sequence) and (not requests or isinstance(requests[0], SpectrumRequest)):
         return [requests]  # type: ignore[list-item]
@@ -297,7 +297,7 @@ def enqueue(
 
     Args:
         requests: what to process: a list of requests, or an iterable of lists (blocks, from
-            :mod:`producer.catalog`: ``iter_catalog``, ``gather_blocks``).
+            :mod:`astronn_dist.producer.catalog`: ``iter_catalog``, ``gather_blocks``).
         settings: broker and database URLs, and the model (its id decides what is "done").
         chunk_size: spectra per message (1..MAX_CHUNK).
         force: enqueue everything, even spectra with a row for this model.

@@ -1,7 +1,7 @@
 """``astronn-dist export``: the results table to FITS, Parquet or CSV, streamed in blocks.
 
 Memory holds one block of rows (:data:`BLOCK_ROWS`), whatever the table's size: the rows come
-from a server-side cursor (:func:`worker.results.export_blocks`) and go to the file block by
+from a server-side cursor (:func:`astronn_dist.worker.service.results.export_blocks`) and go to the file block by
 block. The count and the text widths a FITS header needs are read first, in the same snapshot.
 
 The files describe themselves:
@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from worker.contract import FLAG_MEANINGS, FLAG_NAMES
-from worker.results import EXPORT_COLUMNS, ExportStats, astro_nn_dist, export_blocks, export_stats, export_where, snapshot
+from astronn_dist.worker.contract import FLAG_MEANINGS, FLAG_NAMES
+from astronn_dist.worker.service.results import EXPORT_COLUMNS, ExportStats, astro_nn_dist, export_blocks, export_stats, export_where, snapshot
 
 BLOCK_ROWS = 20_000
 """Rows per block (and per Parquet row group): 20,000 keep an export of any size under ~300 MB
@@ -351,7 +351,7 @@ def export(
     Args:
         engine: the results database.
         model_ids: only these models' rows (None: every model).
-        outcome: ``good``, ``bad`` or ``failed`` (see ``worker.results.OUTCOMES``), or all.
+        outcome: ``good``, ``bad`` or ``failed`` (see ``astronn_dist.worker.service.results.OUTCOMES``), or all.
         since: only rows written at or after this time (naive: UTC).
         force: replace an existing file.
         on_progress: called with (rows written so far, rows in all) after each block.

@@ -50,14 +50,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from producer.catalog import CatalogError, iter_catalog, scan_spectra
-from producer.enqueue import (
+from astronn_dist.producer.catalog import CatalogError, iter_catalog, scan_spectra
+from astronn_dist.producer.enqueue import (
     DEFAULT_CHUNK_SIZE,
     Publisher,
     provenance,
     queued_spectrum_ids,
 )
-from worker.contract import SpectrumRequest
+from astronn_dist.worker.contract import SpectrumRequest
 
 if TYPE_CHECKING:
     import redis
@@ -126,7 +126,7 @@ class WatchState:
 
 def rows_created(engine: Engine, model_id: str, spectrum_ids: Sequence[str]) -> dict[str, float]:
     """spectrum_id -> when its row for ``model_id`` was written [s since the epoch, UTC]."""
-    from worker.results import created_times
+    from astronn_dist.worker.service.results import created_times
 
     return {sid: t.timestamp() for sid, t in created_times(engine, model_id, spectrum_ids).items()}
 
@@ -153,7 +153,7 @@ class Watcher:
 
     Args:
         dirs: folders to watch (recursively).
-        publisher: an entered :class:`producer.enqueue.Publisher`.
+        publisher: an entered :class:`astronn_dist.producer.enqueue.Publisher`.
         state: the enqueued versions (:class:`WatchState`).
         model_id: the model whose results count as done.
         engine: the results database (None: no table check); before ``migrate`` has created
@@ -316,7 +316,7 @@ class Watcher:
         if self.engine is None:
             return False
         if not self._table_seen:
-            from worker.results import has_table
+            from astronn_dist.worker.service.results import has_table
 
             self._table_seen = has_table(self.engine)
         return self._table_seen

@@ -24,7 +24,7 @@ def build_checkpoint(path: Path, seed: int = 1234) -> Path:
     """Random weights (fixed seed) with the real astroNN DR17 input_mean and labels_std."""
     import torch
 
-    from worker.model import ApogeeDistBCNN, save_checkpoint
+    from astronn_dist.worker.science.model import ApogeeDistBCNN, save_checkpoint
 
     params = astronn_parameters()
     torch.manual_seed(seed)
@@ -115,7 +115,7 @@ def worker_env(
 
 
 class Worker:
-    """A real worker process (``python -m celery -A worker.app worker`` or ``worker.serve``),
+    """A real worker process (``python -m celery -A astronn_dist.worker.service.app worker`` or ``astronn_dist.worker.service.serve``),
     in its own session so that the test can kill it and its pool as a whole."""
 
     def __init__(self, env: Mapping[str, str], log_path: Path, *, name: str, serve: bool = False) -> None:
@@ -123,14 +123,14 @@ class Worker:
         self.name = name
         if serve:
             code = (
-                "from worker.config import Settings; from worker.serve import run_worker; "
+                "from astronn_dist.worker.config import Settings; from astronn_dist.worker.service.serve import run_worker; "
                 f"s = Settings.from_env(); run_worker(s, device='cpu', concurrency=1, model=None, "
                 f"hostname={name + '@%h'!r})"
             )
             argv = [sys.executable, "-c", code]
         else:
             argv = [
-                sys.executable, "-m", "celery", "-A", "worker.app", "worker",
+                sys.executable, "-m", "celery", "-A", "astronn_dist.worker.service.app", "worker",
                 "-Q", "astronn_dist", "-P", "prefork", "-c", "1", "-l", "INFO",
                 "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
             ]
@@ -207,14 +207,14 @@ def wait_for(
 
 def publisher(redis_url: str):
     """A Celery app for publishing to the test broker (the service's own, as the producer uses)."""
-    from worker.app import make_app
-    from worker.config import Settings
+    from astronn_dist.worker.service.app import make_app
+    from astronn_dist.worker.config import Settings
 
     return make_app(Settings(broker_url=redis_url))
 
 
 def publish(redis_url: str, message: Mapping[str, Any], task_id: str | None = None, **options: Any) -> str:
-    from worker.config import QUEUE, TASK_NAME
+    from astronn_dist.worker.config import QUEUE, TASK_NAME
 
     app = publisher(redis_url)
     try:
@@ -258,7 +258,7 @@ def redis_client(redis_url: str):
 
 def run_cli(capsys: Any, *args: str) -> tuple[int, str, str]:
     """Run ``astronn-dist ARGS`` in this process: (exit status, stdout, stderr)."""
-    from producer.cli import main
+    from astronn_dist.producer.cli import main
 
     try:
         main(list(args))

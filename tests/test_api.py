@@ -1,4 +1,4 @@
-"""worker.api.distances: the notebook entry point equals the service's rows and carries units."""
+"""astronn_dist.worker.api.distances: the notebook entry point equals the service's rows and carries units."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from _service import build_checkpoint  # tests/ is on sys.path
-from worker.api import distances
-from worker.distance import FLAG_MISSING_EXTINCTION, FLAG_NO_RESULT
+from astronn_dist.worker.api import distances
+from astronn_dist.worker.science.distance import FLAG_MISSING_EXTINCTION, FLAG_NO_RESULT
 
 KEPLER = "apStar-dr17-2M19485057+5005279.fits"
 BULGE = "apStar-dr17-2M17335483-2753043.fits"
@@ -40,9 +40,9 @@ def test_table_with_units_and_flags(model: Path, sample_dir: Path, tmp_path: Pat
 
 def test_same_numbers_as_the_service(model: Path, sample_dir: Path) -> None:
     """The rows of process_batch (what a worker writes) for the same ids: identical."""
-    from worker.inference import Predictor
-    from worker.model import load_model
-    from worker.pipeline import SpectrumRequest, process_batch
+    from astronn_dist.worker.science.inference import Predictor
+    from astronn_dist.worker.science.model import load_model
+    from astronn_dist.worker.science.pipeline import SpectrumRequest, process_batch
 
     table = distances([sample_dir / KEPLER], spectrum_ids=["kepler"], model=model, mc_passes=4,
                       seed=3, device="cpu")

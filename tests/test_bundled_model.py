@@ -1,7 +1,7 @@
 """The bundled demonstration model, closed loop: a held-out synthetic survey (a seed the model
 never saw) through the full pipeline recovers the true distances, with calibrated uncertainties.
 
-The survey is written by worker.synth, so every star's true fakemag and distance are known
+The survey is written by astronn_dist.worker.modeling.synth, so every star's true fakemag and distance are known
 exactly and its photometry carries no noise: the distance error is the fakemag error alone.
 """
 
@@ -14,16 +14,16 @@ import pytest
 
 import torch  # noqa: F401  (the bundled model needs it)
 
-from worker import synth  # noqa: E402
-from worker.config import BUNDLED_MODEL  # noqa: E402
-from worker.distance import (  # noqa: E402
+from astronn_dist.worker import synth  # noqa: E402
+from astronn_dist.worker.config import BUNDLED_MODEL  # noqa: E402
+from astronn_dist.worker.science.distance import (  # noqa: E402
     FLAG_MISSING_EXTINCTION,
     FLAG_MISSING_PHOTOMETRY,
     FLAG_NO_RESULT,
 )
-from worker.inference import Predictor  # noqa: E402
-from worker.model import load_model  # noqa: E402
-from worker.pipeline import SpectrumRequest, process_batch  # noqa: E402
+from astronn_dist.worker.science.inference import Predictor  # noqa: E402
+from astronn_dist.worker.science.model import load_model  # noqa: E402
+from astronn_dist.worker.science.pipeline import SpectrumRequest, process_batch  # noqa: E402
 
 HELD_OUT_SEED = 20261201  # the bundled model was trained on seed 1 (see its MODEL_CARD.md)
 N_STARS = 600

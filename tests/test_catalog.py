@@ -1,4 +1,4 @@
-"""producer.catalog: catalogs in three formats with column aliases, and file/folder/glob expansion."""
+"""astronn_dist.producer.catalog: catalogs in three formats with column aliases, and file/folder/glob expansion."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from astropy.table import MaskedColumn, Table
 
-from producer.catalog import (
+from astronn_dist.producer.catalog import (
     CatalogError,
     find_spectra,
     gather,
@@ -23,7 +23,7 @@ from producer.catalog import (
     read_catalog,
     scan_spectra,
 )
-from worker.contract import SpectrumRequest
+from astronn_dist.worker.contract import SpectrumRequest
 
 
 def _tree(root: Path, apstar_files: list[Path]) -> dict[str, Path]:
@@ -303,7 +303,7 @@ def test_errors_name_the_row_and_the_column(tmp_path: Path, fmt: str):
 def test_hash_collisions_are_told_apart(tmp_path: Path, monkeypatch):
     """Every id hashed alike: the closer look still keeps distinct ids apart, drops repeats and
     finds the conflict (the hashes only choose which rows to compare)."""
-    import producer.catalog as catalog_module
+    import astronn_dist.producer.catalog as catalog_module
 
     monkeypatch.setattr(catalog_module, "_hashes", lambda texts: np.zeros(len(texts), dtype=np.uint64))
     catalog = _write("csv", tmp_path / "same", {

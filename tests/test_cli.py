@@ -13,9 +13,9 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from producer.cli import _flag_text
-from producer.enqueue import model_id_of
-from worker.config import QUEUE
+from astronn_dist.producer.cli import _flag_text
+from astronn_dist.producer.enqueue import model_id_of
+from astronn_dist.worker.config import QUEUE
 
 from _service import run_cli, wait_for  # noqa: E402  (tests/ is on sys.path)
 from test_producer import queued_messages  # noqa: E402
@@ -40,7 +40,7 @@ def _isolated(monkeypatch, tmp_path: Path):
 def random_model(tmp_path_factory) -> Path:
     """A small checkpoint with random weights (the real network's shapes; seeded)."""
     import torch
-    from worker.model import ApogeeDistBCNN, save_checkpoint
+    from astronn_dist.worker.science.model import ApogeeDistBCNN, save_checkpoint
 
     torch.manual_seed(0)
     return save_checkpoint(ApogeeDistBCNN(), tmp_path_factory.mktemp("model") / "random.pt")
@@ -186,7 +186,7 @@ def test_user_errors_are_one_line(capsys, args: list[str], message: str, tmp_pat
 
 
 def test_migrate_and_synth(capsys, sqlite_url: str, tmp_path: Path):
-    from worker.results import head_revision
+    from astronn_dist.worker.service.results import head_revision
 
     head = head_revision()
     code, out, err = cli(capsys, "migrate", "--db", sqlite_url)
@@ -206,7 +206,7 @@ def test_migrate_says_it_upgraded(capsys, sqlite_url: str):
     from alembic import command
     from alembic.script import ScriptDirectory
 
-    from worker.results import alembic_config, head_revision, make_engine, migration_transaction
+    from astronn_dist.worker.service.results import alembic_config, head_revision, make_engine, migration_transaction
 
     config = alembic_config()
     previous = ScriptDirectory.from_config(config).get_revision(head_revision()).down_revision
@@ -223,10 +223,10 @@ def test_migrate_says_it_upgraded(capsys, sqlite_url: str):
 
 
 def test_console_script_imports_no_torch():
-    code = "import sys, producer.cli; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
+    code = "import sys, astronn_dist.producer.cli; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    done = subprocess.run([sys.executable, "-m", "producer.cli", "--help"], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "astronn_dist.producer.cli", "--help"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0 and "produce" in done.stdout
 
 
@@ -247,7 +247,7 @@ def test_produce_then_worker_end_to_end(capsys, redis_url: str, sqlite_url: str,
     assert code == 0 and "enqueued 2 spectra in 1 messages" in out, out + err
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     worker = subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "worker", "--device", "cpu", "--concurrency", "1",
+        [sys.executable, "-m", "astronn_dist.producer.cli", "worker", "--device", "cpu", "--concurrency", "1",
          "--mc-passes", "10", "--metrics-addr", "127.0.0.1", "--metrics-port", str(metrics_port), *common],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -307,7 +307,7 @@ def test_run_uses_the_bundled_model_on_the_shipped_samples_without_any_server(
 ):
     """The README's main job: `astronn-dist run samples/apstar` with nothing configured and no
     broker reachable (the broker URL points at a closed port) writes astronn-dist.sqlite."""
-    from worker.config import BUNDLED_MODEL
+    from astronn_dist.worker.config import BUNDLED_MODEL
 
     monkeypatch.setenv("ASTRONN_DIST_BROKER_URL", "redis://127.0.0.1:9/0")  # nothing listens
     code, out, err = cli(capsys, "run", str(REPO / "samples" / "apstar"), "--mc-passes", "20")
@@ -359,7 +359,7 @@ def _help(capsys, monkeypatch, *command: str) -> str:
 def _commands() -> dict:
     import typer.main
 
-    from producer.cli import app
+    from astronn_dist.producer.cli import app
 
     return typer.main.get_command(app).commands
 
@@ -424,8 +424,7 @@ def test_worker_help_documents_the_metrics_address(capsys, monkeypatch):
 def test_worker_logs_quiet_alembic_unless_verbose_and_print_no_task_placeholders():
     import logging
 
-    from worker import logs
-
+    from astronn_dist.worker.service import logs
     alembic = logging.getLogger("alembic")
     level = alembic.level
     try:
@@ -439,5 +438,5 @@ def test_worker_logs_quiet_alembic_unless_verbose_and_print_no_task_placeholders
     formatter = logs.TaskTextFormatter(
         "[%(levelname)s/%(processName)s] %(task_name)s[%(task_id)s]: %(message)s", use_color=False
     )
-    record = logging.LogRecord("worker.tasks", logging.INFO, __file__, 1, "process %d loaded", (7,), None)
+    record = logging.LogRecord("astronn_dist.worker.service.tasks", logging.INFO, __file__, 1, "process %d loaded", (7,), None)
     assert formatter.format(record) == "[INFO/MainProcess] process 7 loaded"  # outside a task

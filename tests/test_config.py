@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from worker.config import DEFAULT_METRICS_ADDR, Settings
+from astronn_dist.worker.config import DEFAULT_METRICS_ADDR, Settings
 
 
 @pytest.fixture(autouse=True)

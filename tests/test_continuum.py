@@ -1,4 +1,4 @@
-"""worker.continuum.normalize: parity with astroNN 1.1.0 on real DR17 spectra and their variants.
+"""astronn_dist.worker.science.continuum.normalize: parity with astroNN 1.1.0 on real DR17 spectra and their variants.
 
 The ``reference`` tests run astroNN's ``apogee_continuum(flux, err, bitmask=bitmask, dr=17)``
 live, one spectrum at a time, and compare it with one batched :func:`normalize` call. They feed
@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from worker import continuum
-from worker.continuum import (
+from astronn_dist.worker.science import continuum
+from astronn_dist.worker.science.continuum import (
     CHIP_RANGES,
     MASKED_BITS,
     N_NORMALIZED,
@@ -397,7 +397,7 @@ def _python(code: str, pythonpath: Path | None = None) -> str:
 
 def test_imports_neither_torch_nor_astronn() -> None:
     out = _python(
-        "import sys, worker.continuum as c; c.continuum_mask(); "
+        "import sys, astronn_dist.worker.science.continuum as c; c.continuum_mask(); "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'astroNN', 'tensorflow'}))"
     )
     assert out == "[]"
@@ -408,7 +408,7 @@ def test_mask_source_astronn_package_data_else_shipped_copy(tmp_path: Path) -> N
     fake = tmp_path / "astroNN"
     fake.mkdir()
     (fake / "__init__.py").write_text("raise RuntimeError('astroNN must not be imported')\n")
-    code = "import worker.continuum as c; print(c.continuum_mask_path()); c.continuum_mask()"
+    code = "import astronn_dist.worker.science.continuum as c; print(c.continuum_mask_path()); c.continuum_mask()"
     assert _python(code, tmp_path) == str(REPO / "worker" / "data" / "dr17_contmask.npy")
     (fake / "data").mkdir()
     shutil.copy(REPO / "worker" / "data" / "dr17_contmask.npy", fake / "data")

@@ -1,4 +1,4 @@
-"""worker.decide: what the task does with a chunk, as pure functions of the delivery count and
+"""astronn_dist.worker.service.decide: what the task does with a chunk, as pure functions of the delivery count and
 the failure (the task only acts on these decisions)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import errno
 import pytest
 import sqlalchemy as sa
 
-from worker.decide import (
+from astronn_dist.worker.service.decide import (
     RETRY_BACKOFF_MAX_S,
     Action,
     Stage,

@@ -18,7 +18,7 @@ ALL_FILES = sorted(p for p in DEPLOY.rglob("*") if p.is_file())
 def cli_commands() -> set[str]:
     import typer.main
 
-    from producer.cli import app
+    from astronn_dist.producer.cli import app
 
     return set(typer.main.get_command(app).commands)
 
@@ -57,7 +57,7 @@ def test_gpu_worker_requests_a_gpu():
 
 
 def test_keda_scales_on_the_queue_the_workers_consume():
-    from worker.config import QUEUE
+    from astronn_dist.worker.config import QUEUE
 
     docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "keda-scaledobject.yaml").read_text()))
     trigger = docs[0]["spec"]["triggers"][0]

@@ -1,4 +1,4 @@
-"""worker.distance: parity with astroNN 1.1.0, photometry validation, every flag bit."""
+"""astronn_dist.worker.science.distance: parity with astroNN 1.1.0, photometry validation, every flag bit."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from worker.distance import (
+from astronn_dist.worker.science.distance import (
     A_K_PER_EBV,
     FLAG_FAKEMAG_UNRELIABLE,
     FLAG_MISSING_EXTINCTION,

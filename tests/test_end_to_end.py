@@ -25,8 +25,8 @@ from _service import (  # tests/ is on sys.path
     wait_for,
     worker_env,
 )
-from producer.cli import main as cli_main
-from worker.distance import FLAG_NO_RESULT
+from astronn_dist.producer.cli import main as cli_main
+from astronn_dist.worker.science.distance import FLAG_NO_RESULT
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(600)]
 
@@ -98,9 +98,9 @@ def _catalog(folder: Path, apstar_files: list[Path]) -> tuple[Path, list[dict]]:
 
 def _direct(entries: list[dict], checkpoint: Path) -> dict[str, object]:
     """The science core's output for the same spectra, weights, passes and seed, in one batch."""
-    from worker.inference import Predictor
-    from worker.model import load_model
-    from worker.pipeline import SpectrumRequest, process_batch
+    from astronn_dist.worker.science.inference import Predictor
+    from astronn_dist.worker.science.model import load_model
+    from astronn_dist.worker.science.pipeline import SpectrumRequest, process_batch
 
     def value(text: str) -> float | None:
         return float(text) if text else None

@@ -1,4 +1,4 @@
-"""producer.export on real SQLite and PostgreSQL: streamed files equal a whole-table read, row
+"""astronn_dist.producer.export on real SQLite and PostgreSQL: streamed files equal a whole-table read, row
 for row, in FITS, Parquet and CSV, and describe themselves (units, flag bits, provenance)."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 import sqlalchemy as sa
 from astropy.table import Table
 
-from producer.export import ExportError, export
-from worker import results
-from worker.contract import FLAG_NAMES, MAX_ID_CHARS
+from astronn_dist.producer.export import ExportError, export
+from astronn_dist.worker.service import results
+from astronn_dist.worker.contract import FLAG_NAMES, MAX_ID_CHARS
 
 from test_results import MODEL, OTHER_MODEL, all_rows, engine, db_url, no_result, row  # noqa: F401 (fixtures)
 

@@ -1,6 +1,6 @@
-"""worker.fastfits against astropy: wherever the fast reader answers, astropy gives the same.
+"""astronn_dist.worker.science.fastfits against astropy: wherever the fast reader answers, astropy gives the same.
 
-:func:`worker.spectra.read_apstar` reads a plain, well-formed file with the fast reader and
+:func:`astronn_dist.worker.science.spectra.read_apstar` reads a plain, well-formed file with the fast reader and
 anything else with astropy (``_read_with_astropy``). The fast reader may decline any file, but
 it must never answer differently from astropy, nor raise on damage: checked on every file the
 tests have (the real DR17 files, synthetic ones, the bad-input corpora) and by a fuzzer that
@@ -21,8 +21,9 @@ from hypothesis import strategies as st
 
 from _service import bad_spectrum_files  # tests/ is on sys.path
 from test_spectra import _bad_files
-from worker import fastfits, spectra, synth
-from worker.spectra import N_PIXELS, SpectrumError, read_apstar
+from astronn_dist.worker.science import fastfits, spectra
+from astronn_dist.worker.modeling import synth
+from astronn_dist.worker.science.spectra import N_PIXELS, SpectrumError, read_apstar
 
 FIELDS = ("flux", "err", "ivar", "bitmask")
 HEADER_VALUES = ("k_mag", "ebv", "obj_id", "nvisits", "snr")

@@ -17,9 +17,9 @@ import pytest
 
 from _servers import PostgresServer, RedisServer
 from _service import Worker, build_checkpoint, rows, spectra_farm, wait_for, worker_env
-from worker.config import Settings
-from worker.distance import FLAG_NO_RESULT
-from worker.contract import SpectrumRequest
+from astronn_dist.worker.config import Settings
+from astronn_dist.worker.science.distance import FLAG_NO_RESULT
+from astronn_dist.worker.contract import SpectrumRequest
 
 pytestmark = [pytest.mark.service, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -44,7 +44,7 @@ def _requests(entries: list[dict]) -> list[SpectrumRequest]:
 
 def _enqueue(broker_url: str, database_url: str, model: Path, requests, chunk: int) -> int:
     """Publish through the producer's own code; returns the number of messages."""
-    from producer.enqueue import enqueue
+    from astronn_dist.producer.enqueue import enqueue
 
     settings = Settings(broker_url=broker_url, database_url=database_url, model_path=model)
     return enqueue(requests, settings, chunk_size=chunk, force=True).messages
@@ -227,7 +227,7 @@ def test_flushed_redis_then_reconcile_gives_every_spectrum_its_row(
     ``astronn-dist reconcile --catalog`` enqueues exactly what has no row and no message."""
     import csv
 
-    from producer.cli import main as cli_main
+    from astronn_dist.producer.cli import main as cli_main
 
     n, chunk = 1500, 30
     url = redis_server.url()

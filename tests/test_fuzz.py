@@ -1,7 +1,7 @@
 """Fuzzing the message boundary: whatever JSON arrives, the task gives a clear rejection or a
 flagged row, and the worker lives on.
 
-1. Property test (hypothesis) of :func:`worker.messages.split_message`, the first thing the task
+1. Property test (hypothesis) of :func:`astronn_dist.worker.service.messages.split_message`, the first thing the task
    does with a message: it raises :class:`MessageError` (the message is rejected whole) or
    returns valid requests plus invalid entries with reasons; nothing else escapes, and no
    valid request carries a path outside the data roots or non-finite photometry.
@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from _service import Worker, build_checkpoint, publish, rows, spectra_farm, wait_for, worker_env
-from worker.messages import InvalidSpectrum, MessageError, split_message
-from worker.contract import SpectrumRequest
+from astronn_dist.worker.service.messages import InvalidSpectrum, MessageError, split_message
+from astronn_dist.worker.contract import SpectrumRequest
 
 ROOT = Path("/data/apogee")
 

@@ -20,15 +20,15 @@ import pytest
 import torch
 
 from _data import write_astronn_parameter_json  # noqa: E402 (tests/ is on sys.path)
-from worker.continuum import normalize  # noqa: E402
-from worker.import_astronn import (  # noqa: E402
+from astronn_dist.worker.science.continuum import normalize  # noqa: E402
+from astronn_dist.worker.modeling.import_astronn import (  # noqa: E402
     PARAMETER_FILE,
     WEIGHTS_FILE,
     AstroNNImportError,
     import_model,
 )
-from worker.model import load_model  # noqa: E402
-from worker.spectra import read_apstar  # noqa: E402
+from astronn_dist.worker.science.model import load_model  # noqa: E402
+from astronn_dist.worker.science.spectra import read_apstar  # noqa: E402
 
 
 # Keras kernel shapes of ApogeeBCNN as configured for the DR17 distance model.

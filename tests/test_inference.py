@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from _data import astronn_parameters  # noqa: E402 (tests/ is on sys.path)
-from worker.inference import (  # noqa: E402
+from astronn_dist.worker.science.inference import (  # noqa: E402
     MaskLayout,
     module_masks,
     Predictor,
@@ -24,7 +24,7 @@ from worker.inference import (  # noqa: E402
     resolve_device,
     spectrum_seed,
 )
-from worker.model import (  # noqa: E402
+from astronn_dist.worker.science.model import (  # noqa: E402
     ApogeeDistBCNN,
     BCNNConfig,
     LoadedModel,

@@ -1,4 +1,4 @@
-"""worker.local: the main job without a broker, in processes planned as a worker's pool.
+"""astronn_dist.worker.service.local: the main job without a broker, in processes planned as a worker's pool.
 
 The process structure is the same on the CPU as with GPUs (one spawned process per device or
 core, each with its own model and database engine); the CPU stands in here.
@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from _service import build_checkpoint, rows, run_cli, spectra_farm  # tests/ is on sys.path
-from worker.config import Settings
-from worker.local import plan_local, run_local
-from worker.pipeline import SpectrumRequest, process_batch
-from worker.results import migrate
-from worker.serve import WorkerPlan
+from astronn_dist.worker.config import Settings
+from astronn_dist.worker.service.local import plan_local, run_local
+from astronn_dist.worker.science.pipeline import SpectrumRequest, process_batch
+from astronn_dist.worker.service.results import migrate
+from astronn_dist.worker.service.serve import WorkerPlan
 
 NUMBERS = ("L_fakemag", "L_fakemag_err", "dist", "dist_err", "k_mag", "ebv", "result_flags")
 
@@ -34,8 +34,8 @@ def _requests(apstar_files: list[Path], folder: Path, n: int) -> list[SpectrumRe
 def test_two_processes_write_the_rows_one_process_computes(
     model: Path, apstar_files: list[Path], sqlite_url: str, tmp_path: Path
 ) -> None:
-    from worker.inference import Predictor
-    from worker.model import load_model
+    from astronn_dist.worker.science.inference import Predictor
+    from astronn_dist.worker.science.model import load_model
 
     requests = _requests(apstar_files, tmp_path / "spectra", 11)  # 12 with the broken file
     settings = Settings(database_url=sqlite_url, model_path=model, device="cpu", mc_passes=4)

@@ -92,7 +92,7 @@ def test_json_logs_have_one_line_per_chunk_with_counts_and_timings(
 
 @pytest.mark.parametrize("address, expected", [("127.0.0.1", "127.0.0.1"), (None, "0.0.0.0")])
 def test_the_metrics_server_listens_on_the_configured_address(address: str | None, expected: str, tmp_path: Path) -> None:
-    """The real server (worker.metrics.serve, in a process of its own: it sets the multiprocess
+    """The real server (astronn_dist.worker.service.metrics.serve, in a process of its own: it sets the multiprocess
     folder for its process), on ASTRONN_DIST_METRICS_ADDR's address, the default being all."""
     import subprocess
     import sys
@@ -104,7 +104,7 @@ def test_the_metrics_server_listens_on_the_configured_address(address: str | Non
     if address:
         env["ASTRONN_DIST_METRICS_ADDR"] = address
     code = (
-        "import sys, time; from worker import metrics; from worker.config import Settings; "
+        "import sys, time; from astronn_dist.worker.service import metrics; from astronn_dist.worker.config import Settings; "
         "s = Settings.from_env(); ok = metrics.serve(int(sys.argv[1]), s.metrics_addr); "
         "metrics.observe_parked(); print(ok, flush=True); time.sleep(60)"  # counted, then told
     )
@@ -120,8 +120,7 @@ def test_the_metrics_server_listens_on_the_configured_address(address: str | Non
 
 
 def test_the_metrics_server_refuses_an_address_that_is_not_an_ip(monkeypatch) -> None:
-    from worker import metrics
-
+    from astronn_dist.worker.service import metrics
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     with pytest.raises(ValueError, match="metrics address 'localhost' .* is not an IP address"):
         metrics.serve(free_port(), "localhost")

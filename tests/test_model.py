@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F  # noqa: E402
 from _data import astronn_parameters  # noqa: E402 (tests/ is on sys.path)
 
-from worker.model import (  # noqa: E402
+from astronn_dist.worker.science.model import (  # noqa: E402
     ApogeeDistBCNN,
     CheckpointError,
     file_sha256,

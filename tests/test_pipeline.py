@@ -1,4 +1,4 @@
-"""worker.pipeline.process_batch on the real apStar files, with a real (randomly initialized)
+"""astronn_dist.worker.science.pipeline.process_batch on the real apStar files, with a real (randomly initialized)
 network carrying the real astroNN DR17 normalization constants."""
 
 from __future__ import annotations
@@ -16,19 +16,19 @@ from astropy.io import fits
 
 import torch
 
-import worker.pipeline as pipeline  # noqa: E402
+import astronn_dist.worker.science.pipeline as pipeline  # noqa: E402
 from _service import bad_spectrum_files  # noqa: E402 (tests/ is on sys.path)
 from _data import astronn_parameters  # noqa: E402
-from worker import PIPELINE_VERSION  # noqa: E402
-from worker.distance import (  # noqa: E402
+from astronn_dist.worker import PIPELINE_VERSION  # noqa: E402
+from astronn_dist.worker.science.distance import (  # noqa: E402
     FLAG_MISSING_EXTINCTION,
     FLAG_MISSING_PHOTOMETRY,
     FLAG_NO_RESULT,
 )
-from worker.inference import Predictor  # noqa: E402
-from worker.model import ApogeeDistBCNN, load_model, save_checkpoint  # noqa: E402
-from worker.pipeline import ResultRecord, SpectrumRequest, process_batch  # noqa: E402
-from worker.spectra import SpectrumError, read_apstar  # noqa: E402
+from astronn_dist.worker.science.inference import Predictor  # noqa: E402
+from astronn_dist.worker.science.model import ApogeeDistBCNN, load_model, save_checkpoint  # noqa: E402
+from astronn_dist.worker.science.pipeline import ResultRecord, SpectrumRequest, process_batch  # noqa: E402
+from astronn_dist.worker.science.spectra import SpectrumError, read_apstar  # noqa: E402
 
 BULGE = "apStar-dr17-2M17335483-2753043.fits"  # header K 9.811, SFD_EBV -9999.99 (missing)
 KEPLER = "apStar-dr17-2M19485057+5005279.fits"  # header K 10.522, SFD_EBV 0.1927

@@ -1,4 +1,4 @@
-"""producer.enqueue: chunked JSON messages on the real Redis queue, skipping what is done."""
+"""astronn_dist.producer.enqueue: chunked JSON messages on the real Redis queue, skipping what is done."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer.catalog import iter_catalog, read_catalog
-from producer.enqueue import (
+from astronn_dist.producer.catalog import iter_catalog, read_catalog
+from astronn_dist.producer.enqueue import (
     BrokerError,
     chunks,
     enqueue,
@@ -22,8 +22,8 @@ from producer.enqueue import (
     model_id_of,
     split_done,
 )
-from worker.config import QUEUE, TASK_NAME, Settings
-from worker.contract import SpectrumRequest
+from astronn_dist.worker.config import QUEUE, TASK_NAME, Settings
+from astronn_dist.worker.contract import SpectrumRequest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def _catalog(tmp_path: Path, n: int) -> Path:
 def test_model_id_without_torch_matches_the_worker(tmp_path: Path, model_file: Path):
     digest = __import__("hashlib").sha256(model_file.read_bytes()).hexdigest()
     assert model_id_of(model_file) == f"demo-model-{digest[:12]}"
-    import worker.model as model
+    import astronn_dist.worker.science.model as model
     path = model.save_checkpoint(model.ApogeeDistBCNN(), tmp_path / "random.pt")
     assert model_id_of(path) == model.load_model(path).model_id
 
@@ -119,8 +119,8 @@ def test_messages_on_the_queue(tmp_path: Path, settings: Settings, redis_url: st
 
 def _write_rows(database_url: str, model_id: str, spectrum_ids: list[str]) -> None:
     """Rows as a worker leaves them (through the results module's own upsert)."""
-    from worker import results
-    from worker.pipeline import ResultRecord
+    from astronn_dist.worker.service import results
+    from astronn_dist.worker.science.pipeline import ResultRecord
 
     results.migrate(database_url)
     engine = results.make_engine(database_url)
@@ -155,7 +155,7 @@ def test_skip_done_and_force(tmp_path: Path, settings: Settings, redis_url: str)
 
 
 def test_no_results_table_means_nothing_done(settings: Settings):
-    from worker.results import make_engine
+    from astronn_dist.worker.service.results import make_engine
 
     engine = make_engine(settings.database_url)
     requests = [SpectrumRequest("a", "/x/a.fits"), SpectrumRequest("b", "/x/b.fits")]
@@ -191,11 +191,11 @@ def test_producer_never_imports_torch(tmp_path: Path, settings: Settings, redis_
     catalog = _catalog(tmp_path, 3)
     code = f"""
 import sys
-import producer.cli, producer.watch
+import astronn_dist.producer.cli, astronn_dist.producer.watch
 assert 'torch' not in sys.modules, 'import'
-from producer.catalog import read_catalog
-from producer.enqueue import enqueue
-from worker.config import Settings
+from astronn_dist.producer.catalog import read_catalog
+from astronn_dist.producer.enqueue import enqueue
+from astronn_dist.worker.config import Settings
 report = enqueue(read_catalog({str(catalog)!r}), Settings(broker_url={redis_url!r},
     database_url={settings.database_url!r}, model_path={str(settings.model_path)!r}))
 assert report.enqueued == 3
@@ -238,7 +238,7 @@ def test_reconcile_over_blocks_reads_the_queue_once(tmp_path: Path, settings: Se
     catalog = _catalog(tmp_path, 9)
     enqueue(read_catalog(catalog)[:4], settings, chunk_size=2)  # 4 on the queue
     _write_rows(settings.database_url, model_id_of(settings.model_path), ["star-00005"])
-    import producer.enqueue as enqueue_module
+    import astronn_dist.producer.enqueue as enqueue_module
 
     reads: list[int] = []
     real = enqueue_module.queued_spectrum_ids
@@ -257,9 +257,8 @@ def test_produce_and_reconcile_stream_a_catalog_of_many_blocks(
     other one sent once, and no skip check larger than a block."""
     from _service import run_cli
 
-    import producer.catalog as catalog_module
-    from worker import results
-
+    import astronn_dist.producer.catalog as catalog_module
+    from astronn_dist.worker.service import results
     monkeypatch.setattr(catalog_module, "BLOCK_ROWS", 7)
     checks: list[int] = []
     real = results.existing_spectrum_ids

@@ -16,7 +16,7 @@ import pytest
 
 from _service import Worker, build_checkpoint, rows, run_cli, wait_for, worker_env  # tests/ is on sys.path
 from test_producer import queued_messages
-from worker.distance import FLAG_MISSING_EXTINCTION, FLAG_NO_RESULT
+from astronn_dist.worker.science.distance import FLAG_MISSING_EXTINCTION, FLAG_NO_RESULT
 
 KEPLER = "apStar-dr17-2M19485057+5005279.fits"  # header K 10.522, SFD_EBV 0.1927
 BULGE = "apStar-dr17-2M17335483-2753043.fits"  # header K 9.811, SFD_EBV missing
@@ -89,11 +89,11 @@ def test_requeued_message_carries_the_first_inputs(
 ) -> None:
     """What goes on the queue: exactly the photometry of the first message, None where it had
     none (so the worker falls back to the header then, and only then)."""
-    from worker.inference import Predictor
-    from worker.model import load_model
-    from worker.contract import SpectrumRequest
-    from worker.results import make_engine, migrate
-    from worker.chunks import process_chunk
+    from astronn_dist.worker.science.inference import Predictor
+    from astronn_dist.worker.science.model import load_model
+    from astronn_dist.worker.contract import SpectrumRequest
+    from astronn_dist.worker.service.results import make_engine, migrate
+    from astronn_dist.worker.service.chunks import process_chunk
 
     model = build_checkpoint(tmp_path / "random-dr17.pt")
     engine = make_engine(sqlite_url)

@@ -1,4 +1,4 @@
-"""worker.results on a real SQLite file and a real PostgreSQL database (every test runs on both)."""
+"""astronn_dist.worker.service.results on a real SQLite file and a real PostgreSQL database (every test runs on both)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 
-from worker import results
-from worker.results import astro_nn_dist as table
+from astronn_dist.worker.service import results
+from astronn_dist.worker.service.results import astro_nn_dist as table
 
 MODEL = "astronn-dist-test-0123456789ab"
 OTHER_MODEL = "other-model-ba9876543210"
@@ -34,7 +34,7 @@ def engine(db_url: str) -> Iterator[sa.Engine]:
 
 
 def row(spectrum_id: str, model_id: str = MODEL, **values) -> dict:
-    """A result row as worker.pipeline.ResultRecord.as_row() gives it (a good star by default)."""
+    """A result row as astronn_dist.worker.science.pipeline.ResultRecord.as_row() gives it (a good star by default)."""
     base = dict(
         spectrum_id=spectrum_id, path=f"/data/apstar/{spectrum_id}.fits", model_id=model_id,
         pipeline_version="0.1.0", t_elapsed=0.01, k_mag=9.5, ebv=0.05, a_k_mag=0.3517 * 0.05,
@@ -106,8 +106,7 @@ def test_a_newer_schema_is_refused_with_a_clear_error(engine: sa.Engine, db_url:
 
 
 def _migrate_in_process(url: str, barrier) -> None:
-    from worker import results
-
+    from astronn_dist.worker.service import results
     barrier.wait(timeout=60)
     results.migrate(url)
 
@@ -147,12 +146,13 @@ def test_sqlite_engine_is_shareable(sqlite_url: str):
 def test_the_contracts_import_nothing_heavy():
     """The producer's side (contracts, messages, the results store) loads neither numpy nor
     torch: one definition of each flag, name and limit, without the science core."""
-    code = ("import sys, worker.contract, worker.messages, worker.results; "
+    code = ("import sys, astronn_dist.worker.contract, astronn_dist.worker.service.messages, astronn_dist.worker.service.results; "
             "heavy = sorted({'numpy', 'torch', 'astropy'} & set(sys.modules)); print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
-    from worker import contract, distance, messages
-
+    from astronn_dist.worker import contract
+    from astronn_dist.worker.science import distance
+    from astronn_dist.worker.service import messages
     assert results.MAX_SPECTRUM_ID_CHARS is contract.MAX_ID_CHARS is messages.MAX_ID_CHARS
     assert distance.FLAG_NO_RESULT is contract.FLAG_NO_RESULT and messages.SpectrumRequest is contract.SpectrumRequest
 
@@ -204,7 +204,7 @@ def test_nan_and_numpy_values(engine: sa.Engine):
 
 
 def test_upsert_accepts_result_records_inside_the_callers_transaction(engine: sa.Engine):
-    from worker.pipeline import ResultRecord
+    from astronn_dist.worker.science.pipeline import ResultRecord
 
     record = ResultRecord(**{k: v for k, v in row("rec").items()})
     with engine.connect() as conn:
@@ -277,7 +277,7 @@ def _seed_requeue(engine: sa.Engine) -> None:
 
 
 def test_select_for_requeue(engine: sa.Engine):
-    from worker.contract import SpectrumRequest
+    from astronn_dist.worker.contract import SpectrumRequest
 
     _seed_requeue(engine)
     failed = results.select_for_requeue(engine, MODEL, failed=True, bad=False, spectrum_ids=None)
@@ -465,8 +465,7 @@ def test_export_rows(engine: sa.Engine):
 
 
 def _upsert_in_process(url: str, barrier, first: int, worker: str) -> None:
-    from worker import results
-
+    from astronn_dist.worker.service import results
     engine = results.make_engine(url)
     rows = [row(f"star-{i:05d}", host=worker, dist=float(first)) for i in range(first, first + 3000)]
     barrier.wait(timeout=60)

@@ -24,8 +24,8 @@ from _service import (  # tests/ is on sys.path
     wait_for,
     worker_env,
 )
-from worker.distance import FLAG_NO_RESULT
-from worker.state import DELIVERY_KEY
+from astronn_dist.worker.science.distance import FLAG_NO_RESULT
+from astronn_dist.worker.service.state import DELIVERY_KEY
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(300)]
 
@@ -63,7 +63,7 @@ def test_chunks_become_one_row_per_spectrum_and_a_redelivery_rewrites_them(
     database_url = request.getfixturevalue(f"{database}_url")
     env = worker_env(redis_url=redis_url, database_url=database_url, model=checkpoint,
                      ASTRONN_DIST_DATA_ROOTS=str(tmp_path))
-    # SQLite through `celery -A worker.app worker`; PostgreSQL through worker.serve.run_worker.
+    # SQLite through `celery -A astronn_dist.worker.service.app worker`; PostgreSQL through astronn_dist.worker.service.serve.run_worker.
     worker = Worker(env, tmp_path / "worker.log", name=f"w-{database}", serve=database == "postgres")
     workers.append(worker)
 
@@ -224,7 +224,7 @@ def test_a_failure_that_persists_ends_in_no_result_rows_after_bounded_retries(
 ) -> None:
     import sqlalchemy as sa
 
-    from worker.results import make_engine, migrate
+    from astronn_dist.worker.service.results import make_engine, migrate
 
     # The database refuses one spectrum's result (not a connection problem: an error that no
     # retry cures), but accepts rows that record a failure.

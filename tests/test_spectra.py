@@ -1,4 +1,4 @@
-"""worker.spectra.read_apstar on the two real DR17 apStar files and on damaged copies of them."""
+"""astronn_dist.worker.science.spectra.read_apstar on the two real DR17 apStar files and on damaged copies of them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from worker.spectra import N_PIXELS, Spectrum, SpectrumError, read_apstar
+from astronn_dist.worker.science.spectra import N_PIXELS, Spectrum, SpectrumError, read_apstar
 
 BULGE = "apStar-dr17-2M17335483-2753043.fits"
 KEPLER = "apStar-dr17-2M19485057+5005279.fits"

@@ -1,4 +1,4 @@
-"""The synthetic survey (worker.synth): layout, statistics and truth against the real DR17 files.
+"""The synthetic survey (astronn_dist.worker.modeling.synth): layout, statistics and truth against the real DR17 files.
 
 The benchmarks are the two real apStar files in samples/apstar; each statistical test
 asserts the real files inside the same bounds as the synthetic ones, so the bounds say what
@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from worker import synth
-from worker.continuum import N_NORMALIZED, normalize
-from worker.distance import A_K_PER_EBV, compute_distances
-from worker.spectra import read_apstar
+from astronn_dist.worker.modeling import synth
+from astronn_dist.worker.science.continuum import N_NORMALIZED, normalize
+from astronn_dist.worker.science.distance import A_K_PER_EBV, compute_distances
+from astronn_dist.worker.science.spectra import read_apstar
 
 N_STARS = 40
 SEED = 5

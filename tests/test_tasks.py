@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from worker.app import broker_ssl_options, broker_transport_options, make_app, restore_interval_s
-from worker.config import QUEUE, TASK_NAME, Settings
-from worker.messages import (
+from astronn_dist.worker.service.app import broker_ssl_options, broker_transport_options, make_app, restore_interval_s
+from astronn_dist.worker.config import QUEUE, TASK_NAME, Settings
+from astronn_dist.worker.service.messages import (
     MAX_CHUNK,
     MAX_ID_CHARS,
     MAX_PATH_CHARS,
@@ -21,7 +21,7 @@ from worker.messages import (
     parse_message,
     split_message,
 )
-from worker.contract import SpectrumRequest
+from astronn_dist.worker.contract import SpectrumRequest
 
 
 def _entry(i: int = 0, **over: object) -> dict:
@@ -217,7 +217,7 @@ def test_importing_the_app_does_not_import_torch_or_the_task() -> None:
     import subprocess
     import sys
 
-    code = "import sys, worker.app; print('torch' in sys.modules, 'worker.tasks' in sys.modules)"
+    code = "import sys, astronn_dist.worker.service.app; print('torch' in sys.modules, 'astronn_dist.worker.service.tasks' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 
@@ -227,7 +227,7 @@ def test_importing_the_app_does_not_import_torch_or_the_task() -> None:
 
 
 def test_retry_countdown_grows_is_jittered_and_stays_below_the_visibility_timeout() -> None:
-    from worker.decide import RETRY_BACKOFF_BASE_S, retry_countdown
+    from astronn_dist.worker.service.decide import RETRY_BACKOFF_BASE_S, retry_countdown
 
     for retries in range(12):
         values = [retry_countdown(retries, 1800) for _ in range(200)]
@@ -238,7 +238,7 @@ def test_retry_countdown_grows_is_jittered_and_stays_below_the_visibility_timeou
 
 
 def test_device_for_process() -> None:
-    from worker.state import device_for_process
+    from astronn_dist.worker.service.state import device_for_process
 
     assert [device_for_process("cuda:0,cuda:1", i, 2) for i in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
     assert [device_for_process("cuda", i, 4) for i in range(5)] == [f"cuda:{i % 4}" for i in range(5)]
@@ -248,7 +248,7 @@ def test_device_for_process() -> None:
 
 
 def test_plan_worker() -> None:
-    from worker.serve import plan_worker
+    from astronn_dist.worker.service.serve import plan_worker
 
     cpu = plan_worker("auto", None, n_gpus=0, cores=16)  # a process per core, at most 8
     assert (cpu.device, cpu.concurrency, cpu.threads_per_process) == ("cpu", 8, 2)
@@ -278,7 +278,7 @@ def test_plan_worker() -> None:
 def test_database_unavailable_is_told_from_other_errors(tmp_path: Path) -> None:
     import sqlalchemy as sa
 
-    from worker.decide import database_unavailable
+    from astronn_dist.worker.service.decide import database_unavailable
 
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.sqlite'}")
     with pytest.raises(sa.exc.OperationalError) as unreachable:
@@ -302,8 +302,8 @@ def test_database_unavailable_is_told_from_other_errors(tmp_path: Path) -> None:
 def predictor(tmp_path_factory: pytest.TempPathFactory):
     from _service import build_checkpoint
 
-    from worker.inference import Predictor
-    from worker.model import load_model
+    from astronn_dist.worker.science.inference import Predictor
+    from astronn_dist.worker.science.model import load_model
 
     checkpoint = build_checkpoint(tmp_path_factory.mktemp("model") / "random-dr17.pt")
     return Predictor(load_model(checkpoint), mc_passes=10, seed=0)
@@ -311,7 +311,7 @@ def predictor(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def engine(request: pytest.FixtureRequest):
-    from worker.results import make_engine, migrate
+    from astronn_dist.worker.service.results import make_engine, migrate
 
     engine = make_engine(request.getfixturevalue(f"{request.param}_url"))
     migrate(engine)
@@ -322,7 +322,7 @@ def engine(request: pytest.FixtureRequest):
 def _table(engine) -> dict[str, dict]:
     import sqlalchemy as sa
 
-    from worker.results import astro_nn_dist
+    from astronn_dist.worker.service.results import astro_nn_dist
 
     with engine.connect() as conn:
         return {r.spectrum_id: dict(r._mapping) for r in conn.execute(sa.select(astro_nn_dist))}
@@ -342,9 +342,9 @@ def _requests(apstar_files: list[Path], tmp_path: Path) -> list[SpectrumRequest]
 def test_process_chunk_writes_one_row_per_spectrum(
     predictor, engine, apstar_files: list[Path], tmp_path: Path
 ) -> None:
-    from worker.distance import FLAG_MISSING_EXTINCTION, FLAG_NO_RESULT
-    from worker.messages import InvalidSpectrum
-    from worker.chunks import process_chunk
+    from astronn_dist.worker.science.distance import FLAG_MISSING_EXTINCTION, FLAG_NO_RESULT
+    from astronn_dist.worker.service.messages import InvalidSpectrum
+    from astronn_dist.worker.service.chunks import process_chunk
 
     invalid = [
         InvalidSpectrum(4, "typo", "/x.fits", "invalid message entry 4: unknown key(s) kmag"),
@@ -381,7 +381,7 @@ def test_process_chunk_writes_all_rows_or_none(
 ) -> None:
     import sqlalchemy as sa
 
-    from worker.chunks import process_chunk
+    from astronn_dist.worker.service.chunks import process_chunk
 
     # A database that refuses one of the rows (as a constraint would): nothing is written.
     if engine.dialect.name == "sqlite":
@@ -405,9 +405,9 @@ def test_out_of_memory_splits_the_batch(predictor, sqlite_url: str, apstar_files
     """A predictor that runs out of memory above two spectra per batch (memory exhaustion cannot
     be caused safely in a test, so this real Predictor is given a budget): the chunk is split in
     halves until it fits, and every spectrum gets the numbers it gets in one batch."""
-    from worker.inference import Predictor
-    from worker.results import make_engine, migrate
-    from worker.chunks import process_chunk
+    from astronn_dist.worker.science.inference import Predictor
+    from astronn_dist.worker.service.results import make_engine, migrate
+    from astronn_dist.worker.service.chunks import process_chunk
 
     class SmallMemoryPredictor(Predictor):
         def predict(self, norm_flux, spectrum_ids):
@@ -433,9 +433,9 @@ def test_out_of_memory_splits_the_batch(predictor, sqlite_url: str, apstar_files
 def test_a_single_spectrum_out_of_memory_is_raised_and_nothing_written(
     predictor, sqlite_url: str, apstar_files: list[Path]
 ) -> None:
-    from worker.inference import Predictor
-    from worker.results import make_engine, migrate
-    from worker.chunks import process_chunk
+    from astronn_dist.worker.science.inference import Predictor
+    from astronn_dist.worker.service.results import make_engine, migrate
+    from astronn_dist.worker.service.chunks import process_chunk
 
     class NoMemoryPredictor(Predictor):
         def predict(self, norm_flux, spectrum_ids):

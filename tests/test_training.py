@@ -1,4 +1,4 @@
-"""Training ApogeeDistBCNN on a small synthetic survey (worker.synth), end to end on the CPU."""
+"""Training ApogeeDistBCNN on a small synthetic survey (astronn_dist.worker.modeling.synth), end to end on the CPU."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytest
 
 import torch
 
-from worker.continuum import normalize  # noqa: E402
-from worker.model import load_model  # noqa: E402
-from worker.spectra import read_apstar  # noqa: E402
-from worker.synth import write_survey  # noqa: E402
-from worker.training import calibrate_variance_head, robust_mse, train  # noqa: E402
+from astronn_dist.worker.science.continuum import normalize  # noqa: E402
+from astronn_dist.worker.science.model import load_model  # noqa: E402
+from astronn_dist.worker.science.spectra import read_apstar  # noqa: E402
+from astronn_dist.worker.modeling.synth import write_survey  # noqa: E402
+from astronn_dist.worker.modeling.training import calibrate_variance_head, robust_mse, train  # noqa: E402
 
 N_STARS = 200
 
@@ -160,7 +160,7 @@ def test_calibrating_the_variance_head_makes_the_total_uncertainty_fit_the_error
     """Labels = the network's own MC mean + Gaussian noise of a known, star-dependent sigma:
     after calibration the pulls have standard deviation ~1 and ~68 % lie within 1 sigma, and
     nothing but dense_var has changed."""
-    from worker.model import ApogeeDistBCNN
+    from astronn_dist.worker.science.model import ApogeeDistBCNN
 
     torch.manual_seed(3)
     net = ApogeeDistBCNN()

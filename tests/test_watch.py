@@ -1,4 +1,4 @@
-"""producer.watch: new files enqueued once, only when complete, across restarts; clean stop."""
+"""astronn_dist.producer.watch: new files enqueued once, only when complete, across restarts; clean stop."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer.enqueue import Publisher, model_id_of
-from producer.watch import FITS_BLOCK, Watcher, WatchOptions, WatchState
-from worker.config import QUEUE, Settings
+from astronn_dist.producer.enqueue import Publisher, model_id_of
+from astronn_dist.producer.watch import FITS_BLOCK, Watcher, WatchOptions, WatchState
+from astronn_dist.worker.config import QUEUE, Settings
 
 from test_producer import queued_messages  # noqa: E402  (tests/ is on sys.path)
 
@@ -182,8 +182,7 @@ def test_results_table_decides_what_is_done(
 ):
     """A row newer than the file: done. A row older than the file: a newer reduction, redo.
     --force: the table is ignored."""
-    from worker import results
-
+    from astronn_dist.worker.service import results
     a, b = apstar_files
     _copy(a, watch_dir / a.name, age=3600)  # processed after it was written
     _copy(b, watch_dir / b.name, age=60)  # rewritten after its row
@@ -257,7 +256,7 @@ def test_sigterm_flushes_pending_and_exits_cleanly(
     a = apstar_files[0]
     _copy(a, watch_dir / a.name, age=60)
     cmd = [
-        sys.executable, "-m", "producer.cli", "watch", str(watch_dir),
+        sys.executable, "-m", "astronn_dist.producer.cli", "watch", str(watch_dir),
         "--broker", redis_url, "--db", settings.database_url, "--model", str(settings.model_path),
         "--poll-interval", "0.2", "--min-age", "0.5", "--flush-delay", "600",
     ]
@@ -283,8 +282,7 @@ def test_table_created_after_the_watcher_started(
     settings: Settings, watch_dir: Path, apstar_files: list[Path], redis_url: str
 ):
     """Started before `migrate`: nothing counts as done; once the table exists, its rows do."""
-    from worker import results
-
+    from astronn_dist.worker.service import results
     from test_producer import _write_rows
 
     a, b = apstar_files
@@ -307,8 +305,7 @@ def test_reconcile_sends_again_what_the_broker_lost(
     resends only the one with neither a row nor a message, and a message still waiting
     keeps its file from being sent twice."""
     from test_producer import _write_rows
-    from worker import results
-
+    from astronn_dist.worker.service import results
     a, b = apstar_files
     _copy(a, watch_dir / a.name, age=60)
     _copy(b, watch_dir / b.name, age=60)
@@ -335,7 +332,7 @@ def test_a_catalog_read_block_by_block(
 ):
     """--catalog without folders, read one row at a time: every row's file, id and photometry,
     an exact repeat once, and a bad catalog refused at the start with its row."""
-    import producer.catalog as catalog_module
+    import astronn_dist.producer.catalog as catalog_module
 
     monkeypatch.setattr(catalog_module, "BLOCK_ROWS", 1)
     a, b = apstar_files
@@ -357,7 +354,7 @@ def test_a_catalog_read_block_by_block(
     h.close()
 
     catalog.write_text(f"path,K\nelsewhere/{a.name},9.8\nelsewhere/{b.name},faint\n")
-    from producer.catalog import CatalogError
+    from astronn_dist.producer.catalog import CatalogError
 
     with pytest.raises(CatalogError, match="row 2, column 'K' is not numeric"):
         Watcher([], publisher=None, state=None, model_id="m", catalog=catalog)  # type: ignore[arg-type]

@@ -1,7 +1,14 @@
-"""astronn-dist worker: the science core (pure functions on arrays) and the Celery task around it.
+"""astronn-dist worker (``astronn_dist.worker``), in three layers on two base modules:
 
-Importing this package never imports torch; only ``worker.model``, ``worker.inference`` and the
-modules that run the network do.
+* :mod:`~astronn_dist.worker.contract` (the request, flag bits, limits, names; no numpy) and
+  :mod:`~astronn_dist.worker.config` (settings, defaults);
+* :mod:`~astronn_dist.worker.science`: reading, normalization, network, inference, distances;
+* :mod:`~astronn_dist.worker.service`: Celery app and task, chunks, results store, metrics;
+* :mod:`~astronn_dist.worker.modeling`: synthetic spectra, training, astroNN model import;
+* :mod:`~astronn_dist.worker.api`: the public function for notebooks.
+
+Importing this package never imports torch; only ``science.model``, ``science.inference`` and
+the modules that run the network do.
 """
 
 PIPELINE_VERSION = "0.3.0"

@@ -1,11 +1,11 @@
 """The Python API for notebooks: spectra in, an astropy Table of distances out.
 
-    >>> from worker.api import distances
+    >>> from astronn_dist.worker.api import distances
     >>> table = distances(["samples/apstar/apStar-dr17-2M19485057+5005279.fits"],
     ...                   k_mag=[10.522], ebv=[0.1927])
     >>> table["spectrum_id", "dist", "dist_err", "flag_bad"]
 
-It runs the service's own code path (:func:`worker.pipeline.process_batch`: reading, DR17
+It runs the service's own code path (:func:`astronn_dist.worker.science.pipeline.process_batch`: reading, DR17
 continuum, MC dropout, distance and flags), so its numbers equal the rows a worker writes for the
 same spectrum_id, model, MC passes, seed and kind of device. Nothing is written anywhere.
 """
@@ -19,9 +19,9 @@ import astropy.units as u
 import numpy as np
 from astropy.table import Table
 
-from worker.config import BUNDLED_MODEL, DEFAULT_MC_PASSES, DEFAULT_SEED
-from worker.contract import FLAG_NAMES
-from worker.pipeline import ResultRecord, SpectrumRequest, process_batch
+from astronn_dist.worker.config import BUNDLED_MODEL, DEFAULT_MC_PASSES, DEFAULT_SEED
+from astronn_dist.worker.contract import FLAG_NAMES
+from astronn_dist.worker.science.pipeline import ResultRecord, SpectrumRequest, process_batch
 
 UNITS = {
     "k_mag": u.mag, "ebv": u.mag, "a_k_mag": u.mag,
@@ -84,10 +84,10 @@ def distances(
 
     Raises:
         ValueError: lengths that do not match, a bad device or ``mc_passes``.
-        worker.model.CheckpointError: the checkpoint cannot be loaded.
+        astronn_dist.worker.science.model.CheckpointError: the checkpoint cannot be loaded.
     """
-    from worker.inference import Predictor, resolve_device
-    from worker.model import load_model
+    from astronn_dist.worker.science.inference import Predictor, resolve_device
+    from astronn_dist.worker.science.model import load_model
 
     names = [str(p) for p in paths]
     ids = [str(s) for s in spectrum_ids] if spectrum_ids is not None else names

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from worker.contract import QUEUE, TASK_NAME  # noqa: F401  (re-exported with the settings)
+from astronn_dist.worker.contract import QUEUE, TASK_NAME  # noqa: F401  (re-exported with the settings)
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 DEFAULT_DATABASE_URL = "sqlite:///astronn-dist.sqlite"
@@ -25,7 +25,7 @@ DEFAULT_METRICS_PORT = 9808
 DEFAULT_METRICS_ADDR = "0.0.0.0"
 
 BUNDLED_MODEL = Path(__file__).parent / "models" / "astronn-dist-demo.pt"
-LOG_FORMATS = ("text", "json")  # worker.logs
+LOG_FORMATS = ("text", "json")  # astronn_dist.worker.service.logs
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -57,7 +57,7 @@ class Settings:
     max_retries: int = 5
     metrics_port: int = DEFAULT_METRICS_PORT
     metrics_addr: str = DEFAULT_METRICS_ADDR  # the IP address the metrics server listens on
-    log_format: str = "text"  # or "json": one object per line (worker.logs)
+    log_format: str = "text"  # or "json": one object per line (astronn_dist.worker.service.logs)
 
     @classmethod
     def from_env(cls) -> "Settings":

@@ -19,7 +19,7 @@ no-result row for each one that has a usable ``spectrum_id`` and process the res
 
 Photometry that is NaN or +-inf is treated as missing (None): JSON has no such numbers, but
 Python's encoder writes ``NaN``/``Infinity`` and its decoder reads them, so they do arrive.
-Values outside the physical window (e.g. APOGEE's -9999.99) are kept: :mod:`worker.distance`
+Values outside the physical window (e.g. APOGEE's -9999.99) are kept: :mod:`astronn_dist.worker.science.distance`
 decides what "missing" means and flags it.
 """
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from worker.contract import MAX_CHUNK, MAX_ID_CHARS, MAX_PATH_CHARS, SpectrumRequest
+from astronn_dist.worker.contract import MAX_CHUNK, MAX_ID_CHARS, MAX_PATH_CHARS, SpectrumRequest
 
 __all__ = ["MAX_CHUNK", "MAX_ID_CHARS", "MAX_PATH_CHARS", "InvalidSpectrum", "MessageError",
            "ParsedMessage", "SpectrumRequest", "make_message", "parse_message", "split_message"]

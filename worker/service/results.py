@@ -10,16 +10,16 @@ Conventions of the stored values
 --------------------------------
 * Non-finite floats (NaN, +-inf) are stored as NULL and read back as ``None``.
 * ``created`` is the UTC time of the row's *latest* write: reprocessing a spectrum refreshes it
-  (``producer.watch`` relies on that to tell a row newer than its file). It is read back as an
+  (``astronn_dist.producer.watch`` relies on that to tell a row newer than its file). It is read back as an
   aware ``datetime`` in UTC on both backends (SQLite stores it naive, in UTC).
 * ``k_mag``, ``ebv``, ``a_k_mag`` are the values *used* (missing -> 0, flags say so). A row
   without a result (``flag_no_result``) keeps in ``k_mag`` and ``ebv`` the photometry its message
   carried, as given (NULL where it carried none), and ``a_k_mag`` NULL: ``requeue`` sends exactly
   the first inputs again.
 * ``attempts``, ``host``, ``task_id`` are provenance given by the writer, stored as given.
-* ``flag_warn``/``flag_bad`` are computed by :mod:`worker.distance` and stored as given.
+* ``flag_warn``/``flag_bad`` are computed by :mod:`astronn_dist.worker.science.distance` and stored as given.
 
-Schema changes go through Alembic (``worker/migrations``); :func:`migrate` applies them and is
+Schema changes go through Alembic (``worker/service/migrations``); :func:`migrate` applies them and is
 safe to call from many worker processes at once.
 """
 
@@ -40,7 +40,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from worker.contract import (
+from astronn_dist.worker.contract import (
     FLAG_FAKEMAG_UNRELIABLE,
     FLAG_MISSING_EXTINCTION,
     FLAG_MISSING_PHOTOMETRY,
@@ -119,7 +119,7 @@ _ID_TYPE = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 class AstroNNDist(Base):
-    """One spectrum's result under one model. Floats in the units of worker.pipeline.ResultRecord:
+    """One spectrum's result under one model. Floats in the units of astronn_dist.worker.science.pipeline.ResultRecord:
     magnitudes [mag], fakemag [fakemag units], distances [pc], t_elapsed [s per spectrum]."""
 
     __tablename__ = TABLE_NAME
@@ -446,7 +446,7 @@ def upsert_results(
             ``engine.begin()``, together with its other writes); with none open, one is
             opened and committed here.
         rows: dicts with the column names (as ``ResultRecord.as_row()``) or objects with an
-            ``as_row()`` method (``worker.pipeline.ResultRecord``). Required: spectrum_id,
+            ``as_row()`` method (``astronn_dist.worker.science.pipeline.ResultRecord``). Required: spectrum_id,
             model_id, path, pipeline_version, result_flags, flag_warn, flag_bad. Non-finite
             floats and numpy scalars are accepted (stored as NULL / Python values).
         task_id, attempts, host: provenance for rows that do not carry their own value
@@ -631,7 +631,7 @@ def select_for_requeue(
         spectrum_ids: these spectra (ids without a row are left out: the caller can report them).
 
     Returns:
-        ``worker.contract.SpectrumRequest`` (spectrum_id, path, k_mag, ebv): flagged rows in
+        ``astronn_dist.worker.contract.SpectrumRequest`` (spectrum_id, path, k_mag, ebv): flagged rows in
         spectrum_id order, then the named ones in the order given. Photometry: a no-result row's
         is what its message carried (None where it carried none: the worker reads the header
         then); a computed row's is the value it used, or None where the flags say it was

@@ -24,7 +24,7 @@ What one star is (all relations are stated so a reader can check a row of the ca
   over 3800-6500 K, which is all a synthetic truth needs); ``M_Ks = M_bol - BC_Ks``;
   ``fakemag = 10^(0.2 M_Ks + 2)``. (Red clump: M_Ks ~ -1.7; Sun: 3.27.)
 * Photometry. ``E(B-V)`` log-uniform in [0.01, 1.0]; ``A_K = 0.3517 E(B-V)`` (the pipeline's own
-  coefficient, worker.distance.A_K_PER_EBV); Ks drawn uniformly in [7, 13.5] (APOGEE's
+  coefficient, astronn_dist.worker.science.distance.A_K_PER_EBV); Ks drawn uniformly in [7, 13.5] (APOGEE's
   range) further limited to distances of 50 pc - 20 kpc;
   ``dist = 10 pc * 10^((Ks - M_Ks - A_K) / 5)`` and the catalog Ks is recomputed as
   ``M_Ks + 5 log10(dist / 10 pc) + A_K`` so the relation holds to rounding. Photometry carries no
@@ -97,7 +97,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from worker.distance import A_K_PER_EBV
+from astronn_dist.worker.science.distance import A_K_PER_EBV
 
 N_PIXELS = 8575
 CRVAL1 = 4.179
@@ -344,7 +344,7 @@ DR17_KEPT = ((246, 3274), (3585, 6080), (6344, 8335))
 
 def dr17_continuum_pixels() -> np.ndarray:
     """The DR17 continuum mask (astroNN 1.1.0, worker/data) on the full grid: (8575,) bool."""
-    kept = np.load(Path(__file__).parent / "data" / "dr17_contmask.npy")
+    kept = np.load(Path(__file__).parents[1] / "data" / "dr17_contmask.npy")  # worker/data
     full = np.zeros(N_PIXELS, dtype=bool)
     full[np.concatenate([np.arange(s, e) for s, e in DR17_KEPT])] = kept
     return full

@@ -40,11 +40,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
-from worker.config import DEFAULT_METRICS_ADDR, metrics_address
-from worker.results import FLAG_COUNTS
+from astronn_dist.worker.config import DEFAULT_METRICS_ADDR, metrics_address
+from astronn_dist.worker.service.results import FLAG_COUNTS
 
 if TYPE_CHECKING:
-    from worker.pipeline import ResultRecord
+    from astronn_dist.worker.science.pipeline import ResultRecord
 
 log = logging.getLogger(__name__)
 

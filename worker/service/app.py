@@ -1,9 +1,9 @@
 """The Celery application: broker, queue, serializer, acknowledgements, prefetch.
 
-``celery -A worker.app worker`` uses the module-level :data:`app` (settings from the environment);
+``celery -A astronn_dist.worker.service.app worker`` uses the module-level :data:`app` (settings from the environment);
 ``astronn-dist worker`` builds one with :func:`make_app` from its flags. Importing this module
 never imports torch, nor the task module: the producer imports it to publish, and the worker
-imports ``worker.tasks`` itself (``include``) when it starts.
+imports ``astronn_dist.worker.service.tasks`` itself (``include``) when it starts.
 
 Why each setting (the failure model: a chunk of spectra is minutes of work, a worker can die at
 any point, and every spectrum must end with exactly one row):
@@ -40,8 +40,8 @@ from urllib.parse import parse_qs, urlsplit
 from celery import Celery
 from kombu import Exchange, Queue
 
-from worker import logs
-from worker.config import QUEUE, TASK_NAME, Settings
+from astronn_dist.worker.service import logs
+from astronn_dist.worker.config import QUEUE, TASK_NAME, Settings
 
 RESTORE_INTERVAL_MAX_S = 10
 """Longest period between two sweeps for expired unacked messages (kombu's default period)."""
@@ -90,7 +90,7 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
       time; a consumer killed while holding it blocks all sweeps until it expires (default 300
       s). Kept no longer than the visibility timeout.
 
-    Also bound by the timeout (enforced in ``worker.tasks``): a retry's countdown (an ETA message
+    Also bound by the timeout (enforced in ``astronn_dist.worker.service.tasks``): a retry's countdown (an ETA message
     is held unacked by the worker until it is due, so a countdown longer than the timeout gets
     it delivered twice: celery/celery#4766, #6236) and a chunk's run time.
     """
@@ -136,7 +136,7 @@ def make_app(settings: Settings | None = None) -> Celery:
     """
     settings = settings if settings is not None else Settings.from_env()
     transport = broker_transport_options(settings)
-    app = Celery("astronn_dist", broker=settings.broker_url, include=["worker.tasks"])
+    app = Celery("astronn_dist", broker=settings.broker_url, include=["astronn_dist.worker.service.tasks"])
     exchange = Exchange(QUEUE, type="direct")
     app.conf.update(
         # Serialization: JSON only, both ways.
@@ -185,4 +185,4 @@ def make_app(settings: Settings | None = None) -> Celery:
 
 
 app = make_app()
-"""The app for ``celery -A worker.app ...`` and for publishers: settings from the environment."""
+"""The app for ``celery -A astronn_dist.worker.service.app ...`` and for publishers: settings from the environment."""

@@ -1,10 +1,10 @@
 """The main job with no broker: ``astronn-dist run`` spreads chunks over processes as a worker does.
 
 A worker's pool is one process per core on the CPU (one torch thread each) or one per GPU
-(:func:`worker.serve.plan_worker`), because one process's reading, normalization and database
+(:func:`astronn_dist.worker.service.serve.plan_worker`), because one process's reading, normalization and database
 writes hold its GIL while its inference threads wait. ``run`` uses the same plan: each process
 loads the model once, takes chunks from the parent and writes their rows itself through
-:func:`worker.chunks.process_chunk` (the task's body), exactly as a pool process would; the
+:func:`astronn_dist.worker.service.chunks.process_chunk` (the task's body), exactly as a pool process would; the
 parent only hands out chunks and counts. Processes are spawned, not forked, so no process
 inherits a CUDA context (nor the parent's torch threads).
 
@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import TYPE_CHECKING, Any
 
-from worker.config import Settings
+from astronn_dist.worker.config import Settings
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-    from worker.chunks import ChunkOutcome
-    from worker.contract import SpectrumRequest
-    from worker.serve import WorkerPlan
+    from astronn_dist.worker.service.chunks import ChunkOutcome
+    from astronn_dist.worker.contract import SpectrumRequest
+    from astronn_dist.worker.service.serve import WorkerPlan
 
 
 @dataclass
@@ -65,7 +65,7 @@ def plan_local(settings: Settings, processes: int | None) -> WorkerPlan:
     Raises:
         ValueError: a device that is not there, or processes < 1.
     """
-    from worker.serve import gpu_count, plan_worker, usable_cores
+    from astronn_dist.worker.service.serve import gpu_count, plan_worker, usable_cores
 
     spec = (settings.device or "auto").strip().lower()
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec):  # before any process loads anything
@@ -88,8 +88,8 @@ def _start(settings: Settings, plan: WorkerPlan, index: Any, *, threads: int | N
     """
     import torch
 
-    from worker.results import make_engine
-    from worker.state import load_predictor
+    from astronn_dist.worker.service.results import make_engine
+    from astronn_dist.worker.service.state import load_predictor
 
     if hasattr(index, "get_lock"):  # a shared counter: this process takes the next index
         with index.get_lock():
@@ -110,7 +110,7 @@ def _start(settings: Settings, plan: WorkerPlan, index: Any, *, threads: int | N
 
 def _chunk(requests: list[SpectrumRequest], run_id: str) -> tuple[ChunkOutcome, int]:
     """One chunk through the task's body: (its outcome, the process that ran it)."""
-    from worker.chunks import process_chunk
+    from astronn_dist.worker.service.chunks import process_chunk
 
     outcome = process_chunk(requests, predictor=_STATE["predictor"], engine=_STATE["engine"],
                             task_id=run_id, attempts=1, host=_STATE["host"])
@@ -180,7 +180,7 @@ def run_local(
     if processes <= 1:
         # Here, in the calling process: every core of the plan for the predictor's workers
         # (the numbers do not depend on it), and the caller's engine if it gave one.
-        from worker.serve import usable_cores
+        from astronn_dist.worker.service.serve import usable_cores
 
         threads = usable_cores()
         model_id, device = _start(settings, plan, 0, threads=threads, engine=engine)

@@ -1,12 +1,12 @@
 """Alembic environment of the results table.
 
-Normally run by :func:`worker.results.migrate`, which hands over a connection already inside
+Normally run by :func:`astronn_dist.worker.service.results.migrate`, which hands over a connection already inside
 the migration transaction (and lock): ``config.attributes["connection"]``.
 
-By hand (developers), with ``worker/alembic.ini``::
+By hand (developers), with ``worker/service/alembic.ini``::
 
-    alembic -c worker/alembic.ini upgrade head               # ASTRONN_DIST_DATABASE_URL's database
-    alembic -c worker/alembic.ini revision --autogenerate -m "add column x"
+    alembic -c worker/service/alembic.ini upgrade head               # ASTRONN_DIST_DATABASE_URL's database
+    alembic -c worker/service/alembic.ini revision --autogenerate -m "add column x"
 
 The database URL then comes from ``-x url=...``, else the settings (``ASTRONN_DIST_DATABASE_URL``).
 Only the ``astro_nn_dist`` table is compared: a shared PostgreSQL database may hold others.
@@ -18,7 +18,7 @@ from typing import Any
 
 from alembic import context
 
-from worker.results import TABLE_NAME, VERSION_TABLE, Base, make_engine, migration_transaction, normalize_url
+from astronn_dist.worker.service.results import TABLE_NAME, VERSION_TABLE, Base, make_engine, migration_transaction, normalize_url
 
 config = context.config
 target_metadata = Base.metadata
@@ -53,7 +53,7 @@ def _configure(**kwargs: Any) -> None:
 def _url() -> str:
     url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option("sqlalchemy.url")
     if not url:
-        from worker.config import Settings
+        from astronn_dist.worker.config import Settings
 
         url = Settings.from_env().database_url
     return url
@@ -68,7 +68,7 @@ def run_offline() -> None:
 
 def run_online() -> None:
     connection = config.attributes.get("connection")
-    if connection is not None:  # from worker.results.migrate: transaction and lock are held
+    if connection is not None:  # from astronn_dist.worker.service.results.migrate: transaction and lock are held
         _configure(connection=connection)
         context.run_migrations()
         return

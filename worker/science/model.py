@@ -26,7 +26,7 @@ Keras/TensorFlow's 'same' does. The flatten order matters because dense_1's weig
 Keras: ``permute(0, 2, 1)`` before flattening, as SDSS-V does.
 
 Training and :meth:`ApogeeDistBCNN.forward` use ``nn.Dropout`` (active when ``net.training``);
-MC-dropout inference has its own fast path in :mod:`worker.inference`, tested against this
+MC-dropout inference has its own fast path in :mod:`astronn_dist.worker.science.inference`, tested against this
 module's forward.
 
 Checkpoints are SDSS-V's format: ``torch.save({"model_state_dict": state_dict, ...})``; the
@@ -149,7 +149,7 @@ class ApogeeDistBCNN(nn.Module):
         """The plain reference forward with given dropout masks: (out (B,), log_var (B,)).
 
         keep: (conv1 output (B, 2, 7514), flattened pooling (B, 7512), dense_1 output (B, 192)),
-        bool. worker.inference's fast path must give the same numbers for the same masks
+        bool. astronn_dist.worker.science.inference's fast path must give the same numbers for the same masks
         (tests/test_inference.py); this is the readable definition it is checked against.
         """
         h = self.features(x, keep)
@@ -192,7 +192,7 @@ def _why_unreadable(exc: BaseException) -> str:
     if unsupported:  # a real pickle, but of classes weights_only does not load
         return (
             "it holds Python objects other than tensors and plain containers, which are not "
-            f"loaded for safety ({unsupported}); re-save it with worker.model.save_checkpoint"
+            f"loaded for safety ({unsupported}); re-save it with astronn_dist.worker.science.model.save_checkpoint"
         )
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
     if "Weights only load failed" in first:  # the useful part is further down

@@ -1,4 +1,4 @@
-"""A small reader of exactly what :func:`worker.spectra.read_apstar` needs, for well-formed files.
+"""A small reader of exactly what :func:`astronn_dist.worker.science.spectra.read_apstar` needs, for well-formed files.
 
 astropy parses every card of every header it touches (~2.9 ms for an apStar file, nearly all of
 it header parsing in Python), while reading a spectrum needs four headers' worth of ten keywords

@@ -44,7 +44,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 # The flag bits, their names and the warn/bad masks are contracts (DESIGN.md, "Flags").
-from worker.contract import (  # re-exported: the science core's names
+from astronn_dist.worker.contract import (  # re-exported: the science core's names
     BAD_MASK,
     FLAG_FAKEMAG_UNRELIABLE,
     FLAG_MISSING_EXTINCTION,

@@ -5,10 +5,10 @@
             ──process_chunk: process_batch + upsert_results in ONE transaction──> commit, ack
             ──a failure──> decide: retry (the message stays) or give up (no-result rows)
 
-The task is thin: validate, decide, act. What it decides is :mod:`worker.decide` (pure
-functions, with the table of failures); the body is :func:`worker.chunks.process_chunk`, usable
+The task is thin: validate, decide, act. What it decides is :mod:`astronn_dist.worker.service.decide` (pure
+functions, with the table of failures); the body is :func:`astronn_dist.worker.service.chunks.process_chunk`, usable
 without Celery (``astronn-dist run`` calls it); the per-process model, engine and Redis client
-are :mod:`worker.state`. A spectrum is never lost: it ends with a row, or its message stays.
+are :mod:`astronn_dist.worker.service.state`. A spectrum is never lost: it ends with a row, or its message stays.
 An invalid message as a whole is logged and rejected (removed), never retried; a pool process
 killed mid-chunk gets its message requeued at once (reject_on_worker_lost), a whole worker
 after the visibility timeout.
@@ -34,13 +34,13 @@ from celery.exceptions import Reject
 from celery.signals import worker_process_init, worker_process_shutdown
 from celery.utils.log import get_task_logger
 
-from worker import metrics
-from worker.chunks import ChunkOutcome, process_chunk, write_no_results
-from worker.config import TASK_NAME
-from worker.contract import SpectrumRequest
-from worker.decide import Action, Decision, Stage, describe, on_delivery, on_failure, retry_countdown
-from worker.messages import MessageError, split_message
-from worker.state import DELIVERY_KEY, WorkerState, device_for_process, worker_state
+from astronn_dist.worker.service import metrics
+from astronn_dist.worker.service.chunks import ChunkOutcome, process_chunk, write_no_results
+from astronn_dist.worker.config import TASK_NAME
+from astronn_dist.worker.contract import SpectrumRequest
+from astronn_dist.worker.service.decide import Action, Decision, Stage, describe, on_delivery, on_failure, retry_countdown
+from astronn_dist.worker.service.messages import MessageError, split_message
+from astronn_dist.worker.service.state import DELIVERY_KEY, WorkerState, device_for_process, worker_state
 
 __all__ = ["DELIVERY_KEY", "ChunkOutcome", "WorkerState", "device_for_process", "process",
            "process_chunk", "worker_state", "write_no_results"]
@@ -64,7 +64,7 @@ def _on_process_shutdown(**_: Any) -> None:
     name=TASK_NAME,
     acks_late=True,
     reject_on_worker_lost=True,
-    max_retries=None,  # bounded by worker.decide, per kind of failure
+    max_retries=None,  # bounded by astronn_dist.worker.service.decide, per kind of failure
     ignore_result=True,
 )
 def process(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 What it reproduces of astroNN 1.1.0's ``ApogeeBCNN`` training (the recipe of the published DR17
 distance model; see ``astroNN/models/base_bayesian_cnn.py`` and ``astroNN/nn/losses.py``):
 
-- inputs: the spectra normalized exactly as at inference (:func:`worker.continuum.normalize`),
+- inputs: the spectra normalized exactly as at inference (:func:`astronn_dist.worker.science.continuum.normalize`),
   centred pixel by pixel by ``input_mean`` (astroNN's input normalization mode 3; no scaling);
 - labels: fakemag divided by ``labels_std``, the standard deviation of the training fakemag
   (mode 4: scaled, *not* centred, so the softplus head stays positive and
@@ -61,9 +61,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from worker.continuum import N_NORMALIZED, normalize
-from worker.model import ApogeeDistBCNN
-from worker.spectra import SpectrumError, read_apstar
+from astronn_dist.worker.science.continuum import N_NORMALIZED, normalize
+from astronn_dist.worker.science.model import ApogeeDistBCNN
+from astronn_dist.worker.science.spectra import SpectrumError, read_apstar
 
 DEFAULT_LABEL_ERR_FRACTION = 0.01
 L2 = 5e-9  # astroNN's kernel_regularizer=l2(5e-9) on conv1, conv2, dense_1, dense_2
@@ -248,7 +248,7 @@ def calibrate_variance_head(
         V = exp(mean_k s_k) + var_k(out_k) + e**2
         loss = mean(0.5 (y - mean_k out_k)**2 / V + 0.5 log V)
 
-    which is the inference formula's total (worker.inference) plus the label error. Returns
+    which is the inference formula's total (astronn_dist.worker.science.inference) plus the label error. Returns
     the pull standard deviation ``std((y - mean) / sqrt(exp(mean s) + var))`` and the share of
     stars within one sigma, before and after, and the NLL after.
     """
@@ -339,7 +339,7 @@ def train(
         CSV, FITS or Parquet table with ``path`` (apStar file, relative to the catalog's folder),
         ``fakemag`` (the label, 10**(0.2 M_Ks + 2)) and optionally ``fakemag_err``.
     out : Path
-        Checkpoint to write (:func:`worker.model.save_checkpoint`); the per-epoch history goes
+        Checkpoint to write (:func:`astronn_dist.worker.science.model.save_checkpoint`); the per-epoch history goes
         to ``<out stem>.history.csv`` beside it (epoch, loss, val_loss, val_mape, lr, seconds).
     epochs, batch_size, lr : training length, minibatch size, Adam's initial learning rate.
     val_fraction : share of the usable stars held out for validation (0 < val_fraction < 1).
@@ -360,9 +360,9 @@ def train(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from worker import PIPELINE_VERSION
-    from worker.inference import resolve_device
-    from worker.model import save_checkpoint
+    from astronn_dist.worker import PIPELINE_VERSION
+    from astronn_dist.worker.science.inference import resolve_device
+    from astronn_dist.worker.science.model import save_checkpoint
 
     catalog, out = Path(catalog), Path(out)
     if not 0.0 < val_fraction < 1.0:

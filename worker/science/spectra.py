@@ -12,7 +12,7 @@ A 1-D HDU (8575,) is the coadd itself (files with a single combination). File na
 ``apStar-dr17-<obj>.fits`` (DR17; ``asStar-`` at LCO) and ``apStar-<apred>-<telescope>-<obj>.fits``
 (SDSS-V), each optionally ``.gz``.
 
-Only what is needed is read. A plain, well-formed file goes through :mod:`worker.fastfits`
+Only what is needed is read. A plain, well-formed file goes through :mod:`astronn_dist.worker.science.fastfits`
 (four headers scanned for a dozen keywords, three rows read: ~0.2 ms from the page cache);
 anything else (gzip, scaled data, an unusual header, any damage) through astropy, which opens
 HDUs lazily (HDU4 and later are never parsed) and reads only row 0 of HDU1-3 (``section``; for
@@ -41,8 +41,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.io.fits.verify import VerifyError
 
-from worker import fastfits
-
+from astronn_dist.worker.science import fastfits
 N_PIXELS = 8575
 """Pixels of the apStar log-lambda grid."""
 

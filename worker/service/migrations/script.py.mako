@@ -6,7 +6,7 @@ Create Date: ${create_date}
 
 A migration is frozen once released: spell the schema out here (plain SQLAlchemy types), never
 import the current model, so replaying history gives the same tables forever. It must run on
-SQLite and PostgreSQL, inside one transaction (worker.results.migrate holds it and the lock).
+SQLite and PostgreSQL, inside one transaction (astronn_dist.worker.service.results.migrate holds it and the lock).
 """
 
 from __future__ import annotations

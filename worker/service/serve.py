@@ -1,7 +1,7 @@
 """Start a Celery worker on queue ``astronn_dist``: processes, devices and threads.
 
 ``astronn-dist worker [--device auto|cpu|cuda|cuda:N] [--concurrency N] [--model PATH]`` calls
-:func:`run_worker`, which is ``celery -A worker.app worker -Q astronn_dist -P prefork -c N`` with
+:func:`run_worker`, which is ``celery -A astronn_dist.worker.service.app worker -Q astronn_dist -P prefork -c N`` with
 the choices below made for the hardware.
 
 Processes: the prefork pool (one OS process per concurrent chunk; the model and a batch live in
@@ -40,7 +40,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.config import QUEUE, Settings
+from astronn_dist.worker.config import QUEUE, Settings
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +186,12 @@ def run_worker(
     os.environ.update(worker_environment(settings, plan))
     from celery.signals import celeryd_after_setup
 
-    from worker import metrics
-    from worker.app import make_app
+    from astronn_dist.worker.service import metrics
+    from astronn_dist.worker.service.app import make_app
 
     def after_setup(**_: object) -> None:
         # Celery has set up logging (lines logged before it are lost) and not forked the pool
-        # yet, which the metrics server must precede (see worker.metrics).
+        # yet, which the metrics server must precede (see astronn_dist.worker.service.metrics).
         log.info(
             "starting worker: %d process(es), device %s, %d thread(s) per process",
             plan.concurrency, plan.device, plan.threads_per_process,

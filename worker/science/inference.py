@@ -1,7 +1,7 @@
 """Monte-Carlo-dropout prediction of fakemag for a batch of spectra, on the CPU or a GPU.
 
 What is computed (SDSS-V astra ``Network.ApogeeDistBCNN.predict``): ``mc_passes`` forward
-passes of :class:`worker.model.ApogeeDistBCNN` with dropout active (keep probability 0.7,
+passes of :class:`astronn_dist.worker.science.model.ApogeeDistBCNN` with dropout active (keep probability 0.7,
 inverted scaling 1/0.7), then per spectrum::
 
     fakemag     = mean(out) * labels_std
@@ -62,8 +62,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from worker.config import DEFAULT_MC_PASSES, DEFAULT_SEED
-from worker.model import ApogeeDistBCNN, LoadedModel
+from astronn_dist.worker.config import DEFAULT_MC_PASSES, DEFAULT_SEED
+from astronn_dist.worker.science.model import ApogeeDistBCNN, LoadedModel
 
 __all__ = ["resolve_device", "spectrum_seed", "Prediction", "Predictor", "MaskLayout"]
 
@@ -237,7 +237,7 @@ class Predictor:
     Parameters
     ----------
     model
-        From :func:`worker.model.load_model`; its device is where the work runs.
+        From :func:`astronn_dist.worker.science.model.load_model`; its device is where the work runs.
     mc_passes
         Forward passes per spectrum (>= 2: the spread needs two).
     seed
@@ -364,7 +364,7 @@ class Predictor:
         Parameters
         ----------
         norm_flux
-            Continuum-normalized flux, (N, 7514) (from :func:`worker.continuum.normalize`).
+            Continuum-normalized flux, (N, 7514) (from :func:`astronn_dist.worker.science.continuum.normalize`).
         spectrum_ids
             N identities; with the global seed they fix each spectrum's dropout masks.
         """

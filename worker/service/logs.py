@@ -3,7 +3,7 @@
 
 In JSON, each line has ``time`` (UTC, ISO 8601), ``level``, ``logger``, ``process``,
 ``message`` (the text line, as in the text format), ``task_id`` inside a task, and the fields
-that the call passed with ``extra=`` (worker.tasks gives each chunk's line ``event``,
+that the call passed with ``extra=`` (astronn_dist.worker.service.tasks gives each chunk's line ``event``,
 ``spectra``, ``results``, ``no_result``, ``seconds``, ``attempt``...), so that a query can count
 and time chunks without parsing text. Nothing secret is logged: URLs are never in a log call
 of this project, and Celery masks the broker password in its banner.
@@ -12,7 +12,7 @@ In text, a line logged by a task module outside a task (a pool process loading i
 start) has the worker's format; Celery's task format would print ``???[???]:`` for the task
 name and id there. Alembic's loggers stay at WARNING unless the worker logs at DEBUG: its INFO
 lines ("setup plugin ...", "Context impl SQLiteImpl.", "Will assume transactional DDL.") are
-noise at every start, and :mod:`worker.tasks` logs a line once the database is migrated.
+noise at every start, and :mod:`astronn_dist.worker.service.tasks` logs a line once the database is migrated.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from celery.app.log import TaskFormatter
 from celery.signals import after_setup_logger, after_setup_task_logger
 from celery.utils.log import ColorFormatter
 
-from worker.config import LOG_FORMATS
+from astronn_dist.worker.config import LOG_FORMATS
 
 # Attributes every LogRecord has: anything else on a record came from ``extra=``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}

@@ -17,7 +17,7 @@ How each backend keeps the counts:
   key and statement (+n for rows that arrive under a key, -n for rows that leave it). Appending
   takes no row lock, so concurrent workers never wait on, or deadlock over, a shared counter.
   Readers sum the deltas per key; ``status`` folds them into one row per key once they pile up
-  (``worker.results.compact_counts``).
+  (``astronn_dist.worker.service.results.compact_counts``).
 * SQLite: row-level triggers (SQLite has no other kind) keep one row per key up to date; its
   writers take turns, so a shared counter costs nothing more there.
 

@@ -7,8 +7,8 @@
 in parts of PART_SPECTRA: the next part is read and normalized while this one is predicted.
 
 Photometry: the request's value (from the catalog / message) first; where it is missing (None,
-non-finite, or outside the validity window of :mod:`worker.distance`, e.g. APOGEE's -9999.99),
-the apStar header's (``K``, ``SFD_EBV``) as read by :func:`worker.spectra.read_apstar`.
+non-finite, or outside the validity window of :mod:`astronn_dist.worker.science.distance`, e.g. APOGEE's -9999.99),
+the apStar header's (``K``, ``SFD_EBV``) as read by :func:`astronn_dist.worker.science.spectra.read_apstar`.
 Each star keeps its own photometry all the way through.
 
 Errors: what becomes a record, what propagates
@@ -16,9 +16,9 @@ Errors: what becomes a record, what propagates
 Permanent problems of one spectrum become a record with ``FLAG_NO_RESULT`` (so ``flag_bad``),
 NaN numbers and ``error`` = the readable reason; the rest of the batch goes on:
 
-* :class:`worker.spectra.SpectrumError`: missing file, empty/truncated/non-FITS file, missing
+* :class:`astronn_dist.worker.science.spectra.SpectrumError`: missing file, empty/truncated/non-FITS file, missing
   HDUs, wrong pixel count, no usable pixels, ... (anything about the file's *content*);
-* a network output that is not a finite number (``error`` says so; see worker.distance).
+* a network output that is not a finite number (``error`` says so; see astronn_dist.worker.science.distance).
 
 Transient or infrastructure problems propagate, so that the task layer retries the whole batch
 (it is idempotent: the same spectra give the same rows):
@@ -47,20 +47,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from worker import PIPELINE_VERSION
-from worker.contract import SpectrumRequest
-from worker.continuum import normalize
-from worker.distance import FLAG_NO_RESULT, compute_distances, flags_summary, validate_photometry
-from worker.spectra import Spectrum, SpectrumError, read_apstar
+from astronn_dist.worker import PIPELINE_VERSION
+from astronn_dist.worker.contract import SpectrumRequest
+from astronn_dist.worker.science.continuum import normalize
+from astronn_dist.worker.science.distance import FLAG_NO_RESULT, compute_distances, flags_summary, validate_photometry
+from astronn_dist.worker.science.spectra import Spectrum, SpectrumError, read_apstar
 
 if TYPE_CHECKING:  # the pipeline itself never needs torch; the predictor brings it
-    from worker.inference import Predictor
+    from astronn_dist.worker.science.inference import Predictor
 
 READ_THREADS = 1
 """Threads reading apStar files within a part. Measured on the 2-core development machine
 (synthetic files in the page cache, one process with one torch thread, 2 MC passes): 1.00 ms
 per spectrum for the whole batch with 1 reading thread, 1.53-2.07 ms with 4. With
-worker.fastfits a read is ~0.4 ms of Python holding the GIL, so more threads only contend
+astronn_dist.worker.science.fastfits a read is ~0.4 ms of Python holding the GIL, so more threads only contend
 with the predictor; on storage with latency (NFS, Lustre), where reads wait with the GIL
 released, more threads (``read_threads``) can pay off again. The part being read still
 overlaps the part being predicted (one read-ahead thread)."""
@@ -192,7 +192,7 @@ def process_batch(
 
     Args:
         requests: the spectra, each with its own identity, path and (optional) photometry.
-        predictor: a loaded :class:`worker.inference.Predictor` (its model_id, mc_passes and
+        predictor: a loaded :class:`astronn_dist.worker.science.inference.Predictor` (its model_id, mc_passes and
             seed go into every record).
         read_threads: threads reading files (1 = read in the preparing thread).
 

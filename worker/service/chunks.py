@@ -1,7 +1,7 @@
 """A chunk of spectra through the science core into the results table, without Celery.
 
 :func:`process_chunk` is the task's body (``astronn-dist run`` calls it too): the batch through
-:func:`worker.pipeline.process_batch`, split in halves while it runs out of memory, and every
+:func:`astronn_dist.worker.science.pipeline.process_batch`, split in halves while it runs out of memory, and every
 row written in ONE transaction. :func:`write_no_results` writes the rows of a chunk that gets
 no results (parked, or given up).
 """
@@ -14,17 +14,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from worker import metrics
-from worker.contract import FLAG_NO_RESULT, SpectrumRequest
-from worker.messages import InvalidSpectrum
-from worker.pipeline import ResultRecord, no_result_record, process_batch
+from astronn_dist.worker.service import metrics
+from astronn_dist.worker.contract import FLAG_NO_RESULT, SpectrumRequest
+from astronn_dist.worker.service.messages import InvalidSpectrum
+from astronn_dist.worker.science.pipeline import ResultRecord, no_result_record, process_batch
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-    from worker.inference import Predictor
+    from astronn_dist.worker.science.inference import Predictor
 
-log = logging.getLogger("worker.tasks")  # one logger for the task's lines, whichever module
+log = logging.getLogger("astronn_dist.worker.service.tasks")  # one logger for the task's lines, whichever module
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def _write(
 ) -> None:
     """Upsert ``records`` in one transaction (committed when this returns; on SQLite it takes
     the write lock first, BEGIN IMMEDIATE, so concurrent workers queue instead of failing)."""
-    from worker.results import upsert_results
+    from astronn_dist.worker.service.results import upsert_results
 
     upsert_results(engine, records, task_id=task_id, attempts=attempts, host=host)
     metrics.observe_rows(records)
@@ -144,7 +144,7 @@ def process_chunk(
         The counts. When it returns, the rows are committed.
 
     Raises:
-        whatever :func:`worker.pipeline.process_batch` raises for transient trouble (after
+        whatever :func:`astronn_dist.worker.science.pipeline.process_batch` raises for transient trouble (after
         splitting batches that ran out of memory), and SQLAlchemy errors from the write. Nothing
         is written then.
     """

@@ -5,7 +5,7 @@ Revises:
 Create Date: 2025-11-25
 
 One row per (model_id, spectrum_id). Columns as DESIGN.md ("Results table"); units as
-worker.pipeline.ResultRecord. The time column is timezone-aware on PostgreSQL (timestamptz);
+astronn_dist.worker.science.pipeline.ResultRecord. The time column is timezone-aware on PostgreSQL (timestamptz);
 SQLite stores naive UTC text.
 """
 

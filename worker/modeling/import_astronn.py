@@ -31,7 +31,7 @@ torch name     Keras layer                      Keras kernel                  to
 Keras kernels are transposed to PyTorch's layouts (a Conv1D kernel ``(k, in, out)`` becomes
 ``(out, in, k)``, a Dense kernel ``(in, out)`` becomes ``(out, in)``). The flattening order needs
 no permutation: Keras flattens the pooled ``(1878, 4)`` feature map channel-last (index
-``t * 4 + c``) and so does :class:`worker.model.ApogeeDistBCNN`.
+``t * 4 + c``) and so does :class:`astronn_dist.worker.science.model.ApogeeDistBCNN`.
 
 Telling the two ``(64, 1)`` heads apart, in order of preference:
 
@@ -273,7 +273,7 @@ def map_keras_weights(path: Path) -> tuple[dict[str, np.ndarray], str | None]:
 
 
 def import_model(folder: Path, out: Path) -> Path:
-    """Convert an astroNN model folder into a checkpoint that :func:`worker.model.load_model` reads.
+    """Convert an astroNN model folder into a checkpoint that :func:`astronn_dist.worker.science.model.load_model` reads.
 
     Parameters
     ----------
@@ -295,7 +295,7 @@ def import_model(folder: Path, out: Path) -> Path:
     """
     import torch
 
-    from worker.model import ApogeeDistBCNN, save_checkpoint
+    from astronn_dist.worker.science.model import ApogeeDistBCNN, save_checkpoint
 
     folder = Path(folder)
     if not folder.is_dir():

@@ -28,7 +28,7 @@ Quirks that follow from this and that are reproduced on purpose:
 * an all-zero chip fits a zero continuum: flux 0/0 -> 1.0, error x/0 -> inf;
 * a NaN *error* at a continuum pixel makes numpy's least squares raise (astroNN fails there);
   :func:`normalize` raises ``ValueError`` instead of inventing a result. Errors derived as
-  ``ivar**-0.5`` (what :func:`worker.spectra.read_apstar` gives) are never NaN.
+  ``ivar**-0.5`` (what :func:`astronn_dist.worker.science.spectra.read_apstar` gives) are never NaN.
 
 Agreement with astroNN: |difference| <= ~1e-11 x max(1, |value|), on real spectra ~4e-15
 (tests/test_continuum.py). The one exception: a pixel where the fitted continuum is zero to
@@ -81,7 +81,7 @@ _BLOCK_ROWS = 32
 """Spectra per block in the element-wise stage: 32 x 3028 x 8 B = 0.8 MB per temporary."""
 
 _MASK_NAME = "dr17_contmask.npy"
-_SHIPPED_MASK = Path(__file__).resolve().parent / "data" / _MASK_NAME
+_SHIPPED_MASK = Path(__file__).resolve().parents[1] / "data" / _MASK_NAME  # worker/data
 
 
 def continuum_mask_path() -> Path:
@@ -199,7 +199,7 @@ def _fit_chip(flux: np.ndarray, err: np.ndarray, chip: _Chip) -> np.ndarray:
             f"err is NaN at continuum pixels of spectra {rows[:10].tolist()}"
             f"{' ...' if len(rows) > 10 else ''}: astroNN's Chebyshev fit fails on such input "
             "(numpy LinAlgError). Give err = ivar**-0.5 (inf, not NaN, where ivar is 0), "
-            "as worker.spectra.read_apstar does."
+            "as astronn_dist.worker.science.spectra.read_apstar does."
         )
     # A NaN/inf in the weighted data makes LAPACK's solution NaN throughout; mark those rows
     # and solve a harmless zero problem in their place (a NaN would break the stacked SVD).

@@ -4,7 +4,7 @@ One model per process: each pool process loads the checkpoint once (and creates 
 engine and runs the migrations once), on its own device, in the process itself, never in the
 forking parent (a CUDA context does not survive fork). ``warm_up`` loads them in a thread when
 the process starts; the first task waits for it if it has not finished. The delivery counts in
-Redis (see worker.tasks) live here too.
+Redis (see astronn_dist.worker.service.tasks) live here too.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from worker import metrics
-from worker.config import Settings
+from astronn_dist.worker.service import metrics
+from astronn_dist.worker.config import Settings
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-    from worker.inference import Predictor
+    from astronn_dist.worker.science.inference import Predictor
 
-log = logging.getLogger("worker.tasks")
+log = logging.getLogger("astronn_dist.worker.service.tasks")
 
 DELIVERY_KEY = "astronn_dist:deliveries:{task_id}:{retries}"
 """Redis key counting the deliveries of one message (task id, retry number)."""
@@ -42,7 +42,7 @@ def _process_index() -> int:
 def device_for_process(spec: str, index: int, n_gpus: int) -> str:
     """The device spec of pool process ``index``.
 
-    ``spec`` may be a comma-separated list (``worker.serve`` passes ``cuda:0,cuda:1``): process i
+    ``spec`` may be a comma-separated list (``astronn_dist.worker.service.serve`` passes ``cuda:0,cuda:1``): process i
     takes item ``i % len``. ``cuda`` or ``auto`` with several GPUs: process i takes
     ``cuda:{i % n_gpus}``, so ``-c N`` with N GPUs gives one process per GPU.
     """
@@ -60,8 +60,8 @@ def load_predictor(settings: Settings, device_spec: str, index: int,
 
     threads: the predictor's CPU workers (None: torch's thread count).
     """
-    from worker.inference import Predictor, resolve_device
-    from worker.model import load_model
+    from astronn_dist.worker.science.inference import Predictor, resolve_device
+    from astronn_dist.worker.science.model import load_model
 
     n_gpus = 0
     if "cuda" in device_spec or device_spec.strip() == "auto":
@@ -111,11 +111,11 @@ class WorkerState:
         """The results database, migrated once per process (retried until it succeeds)."""
         with self._db_lock:
             if self._engine is None:
-                from worker.results import make_engine
+                from astronn_dist.worker.service.results import make_engine
 
                 self._engine = make_engine(self.settings.database_url)
             if not self._migrated:
-                from worker.results import migrate
+                from astronn_dist.worker.service.results import migrate
 
                 migrate(self._engine)
                 self._migrated = True
