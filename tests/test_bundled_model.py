@@ -14,7 +14,7 @@ import pytest
 
 import torch  # noqa: F401  (the bundled model needs it)
 
-from astronn_dist.worker import synth  # noqa: E402
+from astronn_dist.worker.modeling import synth  # noqa: E402
 from astronn_dist.worker.config import BUNDLED_MODEL  # noqa: E402
 from astronn_dist.worker.science.distance import (  # noqa: E402
     FLAG_MISSING_EXTINCTION,
