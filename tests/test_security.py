@@ -44,9 +44,15 @@ def test_password_protected_redis_end_to_end_and_never_echoed(
         env = worker_env(redis_url="unused", database_url=sqlite_url, model=checkpoint)
         env.pop("ASTRONN_DIST_BROKER_URL")
         env["ASTRONN_DIST_BROKER_URL_FILE"] = str(secret)
-        worker = Worker(env, tmp_path / "worker.log", name="auth")
+        worker = Worker(env, tmp_path / "worker.log", name="auth", serve=True)  # astronn-dist worker
         workers.append(worker)
         worker.wait_ready()
+        # The settings reach the pool in the app it forks with: the URL read from the file is
+        # in no process's environment.
+        processes = [worker.proc.pid, *worker.children()]
+        assert len(processes) == 2
+        for pid in processes:
+            assert PASSWORD.encode() not in Path(f"/proc/{pid}/environ").read_bytes(), pid
         code, out = _cli(capsys, "produce", "--catalog", str(catalog), "--broker", url,
                          "--db", sqlite_url, "--model", str(checkpoint))
         assert code == 0 and "enqueued 6 spectra" in out, out

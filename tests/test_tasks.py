@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import ssl
 from pathlib import Path
 
@@ -220,6 +221,45 @@ def test_importing_the_app_does_not_import_torch_or_the_task() -> None:
     code = "import sys, astronn_dist.worker.service.app; print('torch' in sys.modules, 'astronn_dist.worker.service.tasks' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_the_app_is_built_from_settings_never_at_import() -> None:
+    """Importing the module reads no settings (a bad environment cannot break an import); the
+    ``app`` of ``celery -A`` is built at its first read, from the environment, once."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, astronn_dist.worker.service.app as m\n"
+        "assert m._from_environment is None\n"
+        "print('imported', flush=True)\n"
+        "os.environ['ASTRONN_DIST_BROKER_URL'] = 'redis://broker.example:6390/3'\n"
+        "app = m.app\n"
+        "assert app is m.app and app.conf.broker_url == 'redis://broker.example:6390/3'\n"
+        "assert app.astronn_settings.broker_url == 'redis://broker.example:6390/3'\n"
+        "try:\n"
+        "    m.nothing\n"
+        "except AttributeError:\n"
+        "    print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASTRONN_DIST_")}
+    env["ASTRONN_DIST_VISIBILITY_TIMEOUT"] = "not a number"  # read only when the app is built
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.stdout.split() == ["imported"] and "'not a number'" in done.stderr, done.stdout + done.stderr
+    env.pop("ASTRONN_DIST_VISIBILITY_TIMEOUT")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.stdout.split() == ["imported", "ok"], done.stderr
+
+
+def test_the_worker_environment_carries_thread_counts_only(monkeypatch) -> None:
+    from astronn_dist.worker.service.serve import THREAD_ENV, WorkerPlan, thread_environment
+
+    for name in THREAD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    plan = WorkerPlan("cpu", 2, 3)
+    assert thread_environment(plan) == {name: "3" for name in THREAD_ENV}
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the operator's choice stands
+    assert thread_environment(plan) == {"MKL_NUM_THREADS": "3"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
 """The Celery application: broker, queue, serializer, acknowledgements, prefetch.
 
-``celery -A astronn_dist.worker.service.app worker`` uses the module-level :data:`app` (settings from the environment);
-``astronn-dist worker`` builds one with :func:`make_app` from its flags. Importing this module
-never imports torch, nor the task module: the producer imports it to publish, and the worker
-imports ``astronn_dist.worker.service.tasks`` itself (``include``) when it starts.
+Every app is built explicitly by :func:`make_app` from a :class:`Settings`: ``astronn-dist
+worker`` from its flags, the producer from its own. ``celery -A astronn_dist.worker.service.app
+worker`` reads the module attribute ``app``, built on that first read from the environment
+(:meth:`Settings.from_env`); importing this module builds nothing, so no settings are read at
+import. Importing it never imports torch, nor the task module: the worker imports
+``astronn_dist.worker.service.tasks`` itself (``include``) when it starts. Pool processes fork
+with the app and read their settings from ``app.astronn_settings``.
 
 Why each setting (the failure model: a chunk of spectra is minutes of work, a worker can die at
 any point, and every spectrum must end with exactly one row):
@@ -184,5 +187,15 @@ def make_app(settings: Settings | None = None) -> Celery:
     return app
 
 
-app = make_app()
-"""The app for ``celery -A astronn_dist.worker.service.app ...`` and for publishers: settings from the environment."""
+_from_environment: Celery | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """``app``: the app of ``celery -A astronn_dist.worker.service.app ...``, from the
+    environment, built at the first read (PEP 562), not at import."""
+    global _from_environment
+    if name == "app":
+        if _from_environment is None:
+            _from_environment = make_app()
+        return _from_environment
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

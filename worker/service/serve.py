@@ -119,24 +119,15 @@ def plan_worker(device: str, concurrency: int | None, *, n_gpus: int, cores: int
     return WorkerPlan(spec, n, max(1, cores // n))
 
 
-def worker_environment(settings: Settings, plan: WorkerPlan) -> dict[str, str]:
-    """Environment variables for the worker and its pool processes: the settings (so a process
-    started by any method reads the same), and thread counts unless already set."""
-    env = {
-        "ASTRONN_DIST_BROKER_URL": settings.broker_url,
-        "ASTRONN_DIST_DATABASE_URL": settings.database_url,
-        "ASTRONN_DIST_MODEL": str(settings.model_path),
-        "ASTRONN_DIST_DEVICE": plan.device,
-        "ASTRONN_DIST_VISIBILITY_TIMEOUT": str(settings.visibility_timeout_s),
-        "ASTRONN_DIST_MC_PASSES": str(settings.mc_passes),
-        "ASTRONN_DIST_SEED": str(settings.seed),
-        "ASTRONN_DIST_MAX_DELIVERIES": str(settings.max_deliveries),
-        "ASTRONN_DIST_DATA_ROOTS": os.pathsep.join(str(p) for p in settings.data_roots),
-    }
-    for name in THREAD_ENV:
-        if not os.environ.get(name):
-            env[name] = str(plan.threads_per_process)
-    return env
+def thread_environment(plan: WorkerPlan) -> dict[str, str]:
+    """The torch thread counts of the pool processes (read by torch at its import in each
+    process), unless the environment already sets them.
+
+    Only these: the settings reach the pool processes in the app they fork with
+    (``app.astronn_settings``), never through the environment, so a URL resolved from a
+    ``*_FILE`` secret stays out of ``os.environ`` and ``/proc/<pid>/environ``.
+    """
+    return {name: str(plan.threads_per_process) for name in THREAD_ENV if not os.environ.get(name)}
 
 
 def worker_argv(
@@ -183,7 +174,7 @@ def run_worker(
     settings = dataclasses.replace(
         settings, device=plan.device, model_path=Path(model) if model else settings.model_path
     )
-    os.environ.update(worker_environment(settings, plan))
+    os.environ.update(thread_environment(plan))
     from celery.signals import celeryd_after_setup
 
     from astronn_dist.worker.service import metrics

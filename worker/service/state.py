@@ -179,13 +179,23 @@ _state_lock = threading.Lock()
 
 
 def worker_state(settings: Settings | None = None) -> WorkerState:
-    """This process's state (a forked child builds its own: nothing crosses fork)."""
+    """This process's state (a forked child builds its own: nothing crosses fork).
+
+    ``settings`` default: those of the Celery app the process runs (``app.astronn_settings``,
+    set by :func:`astronn_dist.worker.service.app.make_app`), the one way settings reach a pool
+    process.
+    """
     global _state
     with _state_lock:
         if _state is None or _state.pid != os.getpid():
             if settings is None:
                 from celery import current_app
 
-                settings = getattr(current_app, "astronn_settings", None) or Settings.from_env()
+                settings = getattr(current_app, "astronn_settings", None)
+                if settings is None:
+                    raise RuntimeError(
+                        f"the Celery app {current_app.main!r} has no astronn_settings: run the "
+                        "worker with astronn-dist worker or celery -A astronn_dist.worker.service.app"
+                    )
             _state = WorkerState(settings)
         return _state
