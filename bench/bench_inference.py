@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from bench.table import Row, format_rows
-from astronn_dist.worker.science.inference import Predictor, resolve_device
+from astronn_dist.worker.devices import resolve_device
+from astronn_dist.worker.science.inference import Predictor
 from astronn_dist.worker.science.model import ApogeeDistBCNN, LoadedModel
 
 

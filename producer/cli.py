@@ -67,7 +67,7 @@ from astronn_dist.worker.config import (
     QUEUE,
     Settings,
 )
-from astronn_dist.worker.service.serve import MAX_CPU_PROCESSES, MAX_PROCESSES_PER_GPU
+from astronn_dist.worker.devices import MAX_CPU_PROCESSES, MAX_PROCESSES_PER_GPU
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine

@@ -21,7 +21,6 @@ from astronn_dist.worker.science.inference import (  # noqa: E402
     module_masks,
     Predictor,
     draw_random16,
-    resolve_device,
     spectrum_seed,
 )
 from astronn_dist.worker.science.model import (  # noqa: E402
@@ -316,25 +315,6 @@ def test_input_validation(model, flux):
     assert pred.device == torch.device("cpu")
     one = pred.predict(flux[0], ["a"])  # a single spectrum as a 1-D array
     assert one.fakemag.shape == (1,) and np.isfinite(one.fakemag_err).all()
-
-
-def test_resolve_device():
-    assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device(" CPU ") == torch.device("cpu")
-    want = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    assert resolve_device("auto") == want
-    assert resolve_device() == want
-    with pytest.raises(ValueError, match="expected 'auto'"):
-        resolve_device("gpu please")
-    with pytest.raises(ValueError, match="only 'cpu' and 'cuda"):
-        resolve_device("meta")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA is not available"):
-            resolve_device("cuda:0")
-    else:
-        assert resolve_device("cuda") == torch.device("cuda", 0)
-        with pytest.raises(ValueError, match="visible"):
-            resolve_device(f"cuda:{torch.cuda.device_count()}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

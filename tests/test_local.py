@@ -16,7 +16,7 @@ from astronn_dist.worker.config import Settings
 from astronn_dist.worker.service.local import plan_local, run_local
 from astronn_dist.worker.science.pipeline import SpectrumRequest, process_batch
 from astronn_dist.worker.service.results import migrate
-from astronn_dist.worker.service.serve import WorkerPlan
+from astronn_dist.worker.devices import WorkerPlan
 
 NUMBERS = ("L_fakemag", "L_fakemag_err", "dist", "dist_err", "k_mag", "ebv", "result_flags")
 

@@ -252,7 +252,8 @@ def test_the_app_is_built_from_settings_never_at_import() -> None:
 
 
 def test_the_worker_environment_carries_thread_counts_only(monkeypatch) -> None:
-    from astronn_dist.worker.service.serve import THREAD_ENV, WorkerPlan, thread_environment
+    from astronn_dist.worker.devices import WorkerPlan
+    from astronn_dist.worker.service.serve import THREAD_ENV, thread_environment
 
     for name in THREAD_ENV:
         monkeypatch.delenv(name, raising=False)
@@ -275,44 +276,6 @@ def test_retry_countdown_grows_is_jittered_and_stays_below_the_visibility_timeou
         assert all(ceiling / 2 <= v <= ceiling for v in values)
         assert len(set(values)) > 1
     assert max(retry_countdown(20, 10) for _ in range(100)) <= 5
-
-
-def test_device_for_process() -> None:
-    from astronn_dist.worker.service.state import device_for_process
-
-    assert [device_for_process("cuda:0,cuda:1", i, 2) for i in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
-    assert [device_for_process("cuda", i, 4) for i in range(5)] == [f"cuda:{i % 4}" for i in range(5)]
-    assert device_for_process("auto", 3, 0) == "auto"
-    assert device_for_process("cuda:2", 5, 4) == "cuda:2"
-    assert device_for_process("cpu", 1, 8) == "cpu"
-
-
-def test_plan_worker() -> None:
-    from astronn_dist.worker.service.serve import plan_worker
-
-    cpu = plan_worker("auto", None, n_gpus=0, cores=16)  # a process per core, at most 8
-    assert (cpu.device, cpu.concurrency, cpu.threads_per_process) == ("cpu", 8, 2)
-    two = plan_worker("cpu", None, n_gpus=0, cores=2)
-    assert (two.concurrency, two.threads_per_process) == (2, 1)
-    assert plan_worker("cpu", None, n_gpus=0, cores=1).concurrency == 1
-    assert plan_worker("cpu", 4, n_gpus=2, cores=16).threads_per_process == 4
-    assert plan_worker("cpu", 32, n_gpus=0, cores=16).threads_per_process == 1
-    # GPUs: the cores prepare, several processes per GPU share it (one per core, at most 4).
-    gpus = plan_worker("auto", None, n_gpus=4, cores=16)
-    assert (gpus.device, gpus.concurrency, gpus.threads_per_process) == (
-        "cuda:0,cuda:1,cuda:2,cuda:3", 16, 1
-    )
-    h200 = plan_worker("auto", None, n_gpus=1, cores=16)
-    assert (h200.device, h200.concurrency, h200.threads_per_process) == ("cuda:0", 4, 4)
-    assert plan_worker("cuda", 3, n_gpus=2, cores=16).concurrency == 3
-    one = plan_worker("cuda:1", None, n_gpus=2, cores=8)
-    assert (one.device, one.concurrency) == ("cuda:1", 4)
-    with pytest.raises(ValueError, match="no CUDA device is visible"):
-        plan_worker("cuda", None, n_gpus=0, cores=4)
-    with pytest.raises(ValueError, match="only 2 CUDA device"):
-        plan_worker("cuda:2", None, n_gpus=2, cores=4)
-    with pytest.raises(ValueError, match="at least 1"):
-        plan_worker("cpu", 0, n_gpus=0, cores=4)
 
 
 def test_database_unavailable_is_told_from_other_errors(tmp_path: Path) -> None:

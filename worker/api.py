@@ -86,7 +86,8 @@ def distances(
         ValueError: lengths that do not match, a bad device or ``mc_passes``.
         astronn_dist.worker.science.model.CheckpointError: the checkpoint cannot be loaded.
     """
-    from astronn_dist.worker.science.inference import Predictor, resolve_device
+    from astronn_dist.worker.devices import resolve_device
+    from astronn_dist.worker.science.inference import Predictor
     from astronn_dist.worker.science.model import load_model
 
     names = [str(p) for p in paths]

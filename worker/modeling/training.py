@@ -361,7 +361,7 @@ def train(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from astronn_dist.worker import PIPELINE_VERSION
-    from astronn_dist.worker.science.inference import resolve_device
+    from astronn_dist.worker.devices import resolve_device
     from astronn_dist.worker.science.model import save_checkpoint
 
     catalog, out = Path(catalog), Path(out)

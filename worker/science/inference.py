@@ -65,36 +65,10 @@ import torch.nn.functional as F
 from astronn_dist.worker.config import DEFAULT_MC_PASSES, DEFAULT_SEED
 from astronn_dist.worker.science.model import ApogeeDistBCNN, LoadedModel
 
-__all__ = ["resolve_device", "spectrum_seed", "Prediction", "Predictor", "MaskLayout"]
+__all__ = ["spectrum_seed", "Prediction", "Predictor", "MaskLayout"]
 
 RANDOM_LEVELS = 1 << 16  # masks use 16-bit random integers
 BLOCK = 8  # output positions per conv2 block (the Toeplitz product's width / 4 channels)
-
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    """``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-
-    Raises ValueError for other names, or for CUDA when this machine/build has none.
-    """
-    text = (spec or "auto").strip().lower()
-    if text == "auto":
-        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError) as exc:
-        raise ValueError(f"device {spec!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
-    if device.type == "cpu":
-        return torch.device("cpu")
-    if device.type != "cuda":
-        raise ValueError(f"device {spec!r}: only 'cpu' and 'cuda[:N]' are supported")
-    if not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r}: CUDA is not available here; use 'cpu' or 'auto'")
-    index = 0 if device.index is None else device.index
-    if index >= torch.cuda.device_count():
-        raise ValueError(
-            f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) are visible"
-        )
-    return torch.device("cuda", index)
 
 
 def spectrum_seed(global_seed: int, spectrum_id: str) -> int:

@@ -1,7 +1,7 @@
 """The main job with no broker: ``astronn-dist run`` spreads chunks over processes as a worker does.
 
 A worker's pool is one process per core on the CPU (one torch thread each) or one per GPU
-(:func:`astronn_dist.worker.service.serve.plan_worker`), because one process's reading, normalization and database
+(:func:`astronn_dist.worker.devices.plan_worker`), because one process's reading, normalization and database
 writes hold its GIL while its inference threads wait. ``run`` uses the same plan: each process
 loads the model once, takes chunks from the parent and writes their rows itself through
 :func:`astronn_dist.worker.service.chunks.process_chunk` (the task's body), exactly as a pool process would; the
@@ -15,7 +15,6 @@ costs more than such a job.
 from __future__ import annotations
 
 import os
-import re
 import socket
 import uuid
 from collections.abc import Callable, Sequence
@@ -31,7 +30,7 @@ if TYPE_CHECKING:
 
     from astronn_dist.worker.service.chunks import ChunkOutcome
     from astronn_dist.worker.contract import SpectrumRequest
-    from astronn_dist.worker.service.serve import WorkerPlan
+    from astronn_dist.worker.devices import WorkerPlan
 
 
 @dataclass
@@ -65,13 +64,9 @@ def plan_local(settings: Settings, processes: int | None) -> WorkerPlan:
     Raises:
         ValueError: a device that is not there, or processes < 1.
     """
-    from astronn_dist.worker.service.serve import gpu_count, plan_worker, usable_cores
+    from astronn_dist.worker.devices import plan_here
 
-    spec = (settings.device or "auto").strip().lower()
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec):  # before any process loads anything
-        raise ValueError(f"device {spec!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    n_gpus = gpu_count() if spec == "auto" or spec.startswith("cuda") else 0
-    return plan_worker(spec, processes, n_gpus=n_gpus, cores=usable_cores())
+    return plan_here(settings.device, processes)  # checks the spec before anything is loaded
 
 
 # -- one process's state --------------------------------------------------------------------
@@ -180,7 +175,7 @@ def run_local(
     if processes <= 1:
         # Here, in the calling process: every core of the plan for the predictor's workers
         # (the numbers do not depend on it), and the caller's engine if it gave one.
-        from astronn_dist.worker.service.serve import usable_cores
+        from astronn_dist.worker.devices import usable_cores
 
         threads = usable_cores()
         model_id, device = _start(settings, plan, 0, threads=threads, engine=engine)

@@ -7,7 +7,7 @@ the choices below made for the hardware.
 Processes: the prefork pool (one OS process per concurrent chunk; the model and a batch live in
 each process's memory, and a chunk that crashes its process takes nothing else down).
 
-* With CUDA: several processes per GPU, one per core (at most :data:`MAX_PROCESSES_PER_GPU`
+* With CUDA: several processes per GPU, one per core (at most :data:`~astronn_dist.worker.devices.MAX_PROCESSES_PER_GPU`
   each), process i on ``cuda:{i % GPUs}`` (by pool process index; a replacement process takes
   the index, hence the GPU, of the one it replaces). Reading and normalizing a spectrum costs
   ~0.5 ms of a core (BENCHMARKS.md) while a GPU infers 10^4-10^5 spectra/s, so one process per
@@ -19,7 +19,7 @@ each process's memory, and a chunk that crashes its process takes nothing else d
   parent never touches CUDA: a CUDA context does not survive fork, so the GPU count comes from
   a short-lived subprocess, and each pool process opens its own device when it loads the
   model.
-* On CPU: one process per core by default (at most :data:`MAX_CPU_PROCESSES`), each with
+* On CPU: one process per core by default (at most :data:`~astronn_dist.worker.devices.MAX_CPU_PROCESSES`), each with
   ``cores // N`` torch threads (``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, read by torch at import
   in the pool process, unless the environment already sets them). Measured on 2 cores
   (BENCHMARKS.md): one process with 2 threads reached 94-108 spectra/s end to end, two
@@ -32,91 +32,16 @@ each process's memory, and a chunk that crashes its process takes nothing else d
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
 import os
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from astronn_dist.worker.config import QUEUE, Settings
+from astronn_dist.worker.devices import WorkerPlan, plan_here
 
 log = logging.getLogger(__name__)
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-MAX_PROCESSES_PER_GPU = 4  # each holds a CUDA context and a batch (~2 GB of GPU memory)
-MAX_CPU_PROCESSES = 8  # default CPU pool size cap (each process holds a model: ~0.4 GB)
-
-
-@dataclass(frozen=True)
-class WorkerPlan:
-    """How to run: the device spec each pool process resolves (``cuda:0,cuda:1`` = process i
-    takes item i), the number of processes, and torch threads per process."""
-
-    device: str
-    concurrency: int
-    threads_per_process: int
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (the affinity mask, e.g. a container's or a SLURM job's
-    allocation, rather than the machine's count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
-def gpu_count(timeout_s: float = 120.0) -> int:
-    """Number of CUDA devices torch sees, asked in a subprocess so this process never initializes
-    CUDA (it will fork the pool). 0 when torch has no CUDA or the probe fails."""
-    if not (glob.glob("/dev/nvidia[0-9]*") or any(map(os.path.exists, ("/dev/kfd", "/dev/dxg")))):
-        return 0  # no GPU device node (NVIDIA, ROCm's, WSL2's): skip the 2-3 s torch import
-    probe = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
-    try:
-        out = subprocess.run(
-            [sys.executable, "-c", probe],
-            capture_output=True, text=True, timeout=timeout_s, check=True,
-        )
-        return int(out.stdout.strip().splitlines()[-1])
-    except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
-        log.warning("could not count CUDA devices (%s); assuming none", exc)
-        return 0
-
-
-def plan_worker(device: str, concurrency: int | None, *, n_gpus: int, cores: int) -> WorkerPlan:
-    """Choose device assignment, process count and threads (pure; see the module docstring).
-
-    Raises:
-        ValueError: a CUDA device was asked for that is not there, or concurrency < 1.
-    """
-    if concurrency is not None and concurrency < 1:
-        raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
-    spec = (device or "auto").strip().lower()
-    if spec == "auto":
-        spec = "cuda" if n_gpus > 0 else "cpu"
-    if spec == "cuda":
-        if n_gpus < 1:
-            raise ValueError("--device cuda: no CUDA device is visible (use --device cpu or auto)")
-        n = concurrency or n_gpus * max(1, min(cores // n_gpus, MAX_PROCESSES_PER_GPU))
-        devices = ",".join(f"cuda:{i}" for i in range(n_gpus))
-        return WorkerPlan(devices, n, max(1, cores // n))
-    if spec.startswith("cuda:"):
-        try:
-            index = int(spec.split(":", 1)[1])
-        except ValueError:
-            raise ValueError(f"--device {device!r}: expected cuda:N with N a number") from None
-        if index >= n_gpus:
-            raise ValueError(
-                f"--device {device}: only {n_gpus} CUDA device(s) visible "
-                f"(cuda:0..cuda:{n_gpus - 1})"
-                if n_gpus else f"--device {device}: no CUDA device is visible"
-            )
-        n = concurrency or max(1, min(cores, MAX_PROCESSES_PER_GPU))
-        return WorkerPlan(spec, n, max(1, cores // n))
-    n = concurrency or max(1, min(cores, MAX_CPU_PROCESSES))
-    return WorkerPlan(spec, n, max(1, cores // n))
 
 
 def thread_environment(plan: WorkerPlan) -> dict[str, str]:
@@ -168,9 +93,7 @@ def run_worker(
         loglevel: Celery log level.
         hostname: Celery node name (default ``astronn-dist-<pid>@<host>``, unique per worker).
     """
-    spec = (device or "auto").strip().lower()
-    n_gpus = gpu_count() if spec == "auto" or spec.startswith("cuda") else 0
-    plan = plan_worker(spec, concurrency, n_gpus=n_gpus, cores=usable_cores())
+    plan = plan_here(device, concurrency)
     settings = dataclasses.replace(
         settings, device=plan.device, model_path=Path(model) if model else settings.model_path
     )

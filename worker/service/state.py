@@ -39,37 +39,19 @@ def _process_index() -> int:
     return int(getattr(current_process(), "index", 0) or 0)
 
 
-def device_for_process(spec: str, index: int, n_gpus: int) -> str:
-    """The device spec of pool process ``index``.
-
-    ``spec`` may be a comma-separated list (``astronn_dist.worker.service.serve`` passes ``cuda:0,cuda:1``): process i
-    takes item ``i % len``. ``cuda`` or ``auto`` with several GPUs: process i takes
-    ``cuda:{i % n_gpus}``, so ``-c N`` with N GPUs gives one process per GPU.
-    """
-    items = [s.strip() for s in spec.split(",") if s.strip()] or ["auto"]
-    chosen = items[index % len(items)]
-    if chosen in ("auto", "cuda") and n_gpus > 1:
-        return f"cuda:{index % n_gpus}"
-    return chosen
-
-
 def load_predictor(settings: Settings, device_spec: str, index: int,
                    threads: int | None = None) -> Predictor:
     """The model of ``settings`` loaded for pool process ``index`` (its device from
-    ``device_spec``, as :func:`device_for_process` assigns it), ready to predict.
+    ``device_spec``, as :func:`astronn_dist.worker.devices.device_of_process` assigns it), ready
+    to predict.
 
     threads: the predictor's CPU workers (None: torch's thread count).
     """
-    from astronn_dist.worker.science.inference import Predictor, resolve_device
+    from astronn_dist.worker.devices import device_of_process
+    from astronn_dist.worker.science.inference import Predictor
     from astronn_dist.worker.science.model import load_model
 
-    n_gpus = 0
-    if "cuda" in device_spec or device_spec.strip() == "auto":
-        import torch
-
-        n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    device = resolve_device(device_for_process(device_spec, index, n_gpus))
-    loaded = load_model(settings.model_path, device=device)
+    loaded = load_model(settings.model_path, device=device_of_process(device_spec, index))
     return Predictor(loaded, mc_passes=settings.mc_passes, seed=settings.seed, threads=threads)
 
 

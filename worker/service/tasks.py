@@ -40,9 +40,9 @@ from astronn_dist.worker.config import TASK_NAME
 from astronn_dist.worker.contract import SpectrumRequest
 from astronn_dist.worker.service.decide import Action, Decision, Stage, describe, on_delivery, on_failure, retry_countdown
 from astronn_dist.worker.service.messages import MessageError, split_message
-from astronn_dist.worker.service.state import DELIVERY_KEY, WorkerState, device_for_process, worker_state
+from astronn_dist.worker.service.state import DELIVERY_KEY, WorkerState, worker_state
 
-__all__ = ["DELIVERY_KEY", "ChunkOutcome", "WorkerState", "device_for_process", "process",
+__all__ = ["DELIVERY_KEY", "ChunkOutcome", "WorkerState", "process",
            "process_chunk", "worker_state", "write_no_results"]
 
 log = get_task_logger(__name__)

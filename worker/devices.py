@@ -1,0 +1,174 @@
+"""Devices in one place: what a device spec names (check, resolve), how a machine is divided
+into processes and threads (plan), and which device each process takes (assign).
+
+A device spec is ``auto`` (CUDA when there is a GPU, else the CPU), ``cpu``, ``cuda`` (every
+GPU) or ``cuda:N``. The worker (``astronn-dist worker``), ``astronn-dist run`` and the Python
+API all go through here. Importing this module never imports torch: the planning parent of a
+worker must not touch CUDA (a CUDA context does not survive fork), so it counts GPUs in a
+subprocess (:func:`gpu_count`); only :func:`resolve_device` and :func:`device_of_process`, which
+run where the model will live, import torch.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+MAX_PROCESSES_PER_GPU = 4  # each holds a CUDA context and a batch (~2 GB of GPU memory)
+MAX_CPU_PROCESSES = 8  # default CPU pool size cap (each process holds a model: ~0.4 GB)
+
+_SPEC = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_spec(spec: str | None) -> str:
+    """``spec`` normalized (stripped, lower case; None or empty: ``auto``), before anything is
+    loaded. Raises ValueError for a name that is not a device spec."""
+    text = (spec or "auto").strip().lower()
+    if not _SPEC.fullmatch(text):
+        raise ValueError(f"device {spec!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    return text
+
+
+# -------------------------------------------------------------------------------------- resolve
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """The torch device of a spec on this machine: ``auto`` is ``cuda:0`` when CUDA is
+    available, else the CPU; ``cuda`` is ``cuda:0``.
+
+    Raises:
+        ValueError: not a device spec, or CUDA asked for where this machine/build has none, or
+            a GPU index that is not visible.
+    """
+    import torch
+
+    text = check_spec(spec)
+    if text == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r}: CUDA is not available here; use 'cpu' or 'auto'")
+    index = int(text.split(":", 1)[1]) if ":" in text else 0
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return torch.device("cuda", index)
+
+
+# ----------------------------------------------------------------------------------------- plan
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (the affinity mask, e.g. a container's or a SLURM job's
+    allocation, rather than the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def gpu_count(timeout_s: float = 120.0) -> int:
+    """Number of CUDA devices torch sees, asked in a subprocess so this process never initializes
+    CUDA (it will fork the pool). 0 when torch has no CUDA or the probe fails."""
+    if not (glob.glob("/dev/nvidia[0-9]*") or any(map(os.path.exists, ("/dev/kfd", "/dev/dxg")))):
+        return 0  # no GPU device node (NVIDIA, ROCm's, WSL2's): skip the 2-3 s torch import
+    probe = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", probe],
+            capture_output=True, text=True, timeout=timeout_s, check=True,
+        )
+        return int(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
+        log.warning("could not count CUDA devices (%s); assuming none", exc)
+        return 0
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How to run: the device spec each process resolves (``cuda:0,cuda:1`` = process i takes
+    item i), the number of processes, and torch threads per process."""
+
+    device: str
+    concurrency: int
+    threads_per_process: int
+
+
+def plan_worker(device: str, concurrency: int | None, *, n_gpus: int, cores: int) -> WorkerPlan:
+    """Choose device assignment, process count and threads (pure; see
+    :mod:`astronn_dist.worker.service.serve` for why one process per core).
+
+    Raises:
+        ValueError: not a device spec, a CUDA device asked for that is not there, or
+            concurrency < 1.
+    """
+    if concurrency is not None and concurrency < 1:
+        raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
+    spec = check_spec(device)
+    if spec == "auto":
+        spec = "cuda" if n_gpus > 0 else "cpu"
+    if spec == "cuda":
+        if n_gpus < 1:
+            raise ValueError("--device cuda: no CUDA device is visible (use --device cpu or auto)")
+        n = concurrency or n_gpus * max(1, min(cores // n_gpus, MAX_PROCESSES_PER_GPU))
+        devices = ",".join(f"cuda:{i}" for i in range(n_gpus))
+        return WorkerPlan(devices, n, max(1, cores // n))
+    if spec.startswith("cuda:"):
+        index = int(spec.split(":", 1)[1])
+        if index >= n_gpus:
+            raise ValueError(
+                f"--device {device}: only {n_gpus} CUDA device(s) visible "
+                f"(cuda:0..cuda:{n_gpus - 1})"
+                if n_gpus else f"--device {device}: no CUDA device is visible"
+            )
+        n = concurrency or max(1, min(cores, MAX_PROCESSES_PER_GPU))
+        return WorkerPlan(spec, n, max(1, cores // n))
+    n = concurrency or max(1, min(cores, MAX_CPU_PROCESSES))
+    return WorkerPlan(spec, n, max(1, cores // n))
+
+
+def plan_here(device: str | None, concurrency: int | None) -> WorkerPlan:
+    """:func:`plan_worker` for this machine: its usable cores, and its GPUs when the spec may
+    use one (counted in a subprocess)."""
+    spec = check_spec(device)
+    n_gpus = gpu_count() if spec == "auto" or spec.startswith("cuda") else 0
+    return plan_worker(spec, concurrency, n_gpus=n_gpus, cores=usable_cores())
+
+
+# --------------------------------------------------------------------------------------- assign
+
+
+def device_for_process(spec: str, index: int, n_gpus: int) -> str:
+    """The device spec of process ``index`` of a plan (pure).
+
+    ``spec`` may be a comma-separated list (a plan's ``cuda:0,cuda:1``): process i takes item
+    ``i % len``. ``cuda`` or ``auto`` with several GPUs: process i takes ``cuda:{i % n_gpus}``,
+    so ``-c N`` with N GPUs gives one process per GPU.
+    """
+    items = [s.strip() for s in spec.split(",") if s.strip()] or ["auto"]
+    chosen = items[index % len(items)]
+    if chosen in ("auto", "cuda") and n_gpus > 1:
+        return f"cuda:{index % n_gpus}"
+    return chosen
+
+
+def device_of_process(spec: str, index: int) -> torch.device:
+    """The torch device process ``index`` of a plan takes, resolved in that process (which may
+    open CUDA: it is where the model lives)."""
+    n_gpus = 0
+    if "cuda" in spec or spec.strip() == "auto":
+        import torch
+
+        n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return resolve_device(device_for_process(spec, index, n_gpus))
