@@ -25,17 +25,16 @@ Their ``spectrum_id`` is the file's path relative to the folder the user named (
 or the fixed part of a glob; a file named directly: its file name), so that ``produce DIR``,
 ``watch DIR`` and ``run DIR`` give the same file the same identity.
 
-Nothing here imports torch; the only worker import is the request type of the message contract.
+The file formats are read by :mod:`astronn_dist.worker.tables` (shared with training). Nothing
+here imports torch.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import glob
-import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,20 @@ from typing import Any
 import numpy as np
 
 from astronn_dist.worker.contract import SpectrumRequest
+from astronn_dist.worker.tables import (
+    CatalogError,
+    float_values,
+    match_columns,
+    open_table,
+    text_values,
+    unreadable_is_catalog_error,
+)
+
+__all__ = [
+    "BLOCK_ROWS", "COLUMN_ALIASES", "CatalogBlocks", "CatalogError", "RequestBlocks", "SpectrumFile",
+    "find_spectra", "gather", "gather_blocks", "is_spectrum_name", "iter_catalog", "open_catalog",
+    "read_catalog", "scan_spectra",
+]
 
 # Canonical column -> accepted names (compared lower-case), in order of preference.
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
@@ -60,15 +73,6 @@ SPECTRUM_PATTERNS: tuple[str, ...] = (
     "asStar-*.fits.gz",
 )
 
-CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2")
-FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz")
-PARQUET_SUFFIXES = (".parquet", ".pq")
-
-
-class CatalogError(ValueError):
-    """A catalog or a list of paths the producer cannot use; the message says what to do."""
-
-
 @dataclass(frozen=True)
 class SpectrumFile:
     """One spectrum file found on disk: absolute path, size [bytes], mtime [ns since epoch]."""
@@ -84,250 +88,15 @@ def is_spectrum_name(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in SPECTRUM_PATTERNS)
 
 
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    for suffix in CSV_SUFFIXES + FITS_SUFFIXES + PARQUET_SUFFIXES:
-        if name.endswith(suffix):
-            return suffix
-    return path.suffix.lower()
-
-
-def _match_columns(names: Sequence[str], catalog: Path) -> dict[str, str]:
-    """Canonical name -> the catalog's own column name, for the columns present."""
-    by_lower = {name.lower(): name for name in names}
-    found = {}
-    for canonical, aliases in COLUMN_ALIASES.items():
-        for alias in aliases:
-            if alias in by_lower:
-                found[canonical] = by_lower[alias]
-                break
-    if "path" not in found:
-        raise CatalogError(
-            f"{catalog}: no 'path' column (columns: {', '.join(names) or 'none'}). "
-            "Add a column 'path' with each apStar file, relative to the catalog's folder."
-        )
-    return found
-
-
 # --------------------------------------------------------------------------------------------
-# Reading the three formats block by block. A source yields, per block of rows, the catalog's
-# own columns (pyarrow arrays for CSV and Parquet, astropy column slices for FITS); _values turns
-# them into plain values: str lists for text, float64 arrays for photometry (NaN = none).
+# Blocks of the catalog's rows, read through astronn_dist.worker.tables.
 
 BLOCK_ROWS = 50_000
 """Rows per block: a block's requests (~20 MB) are in memory at a time, and one skip check
 against the results table covers a block."""
 
-_CSV_READ_BYTES = 1 << 20  # pyarrow's CSV blocks (regrouped): larger ones read ahead more
-
-
-def _rebatch(batches: Iterable[Any], block_rows: int) -> Iterator[Any]:
-    """pyarrow record batches of any sizes -> tables of exactly ``block_rows`` rows (the last
-    one shorter). Slices only: no data is copied."""
-    import pyarrow as pa
-
-    pending: list[Any] = []
-    count = 0
-    for batch in batches:
-        if batch.num_rows == 0:
-            continue
-        pending.append(batch)
-        count += batch.num_rows
-        while count >= block_rows:
-            table = pa.Table.from_batches(pending)
-            yield table.slice(0, block_rows)
-            rest = table.slice(block_rows)
-            pending, count = rest.to_batches(), rest.num_rows
-    if count:
-        yield pa.Table.from_batches(pending)
-
-
-class _CsvSource:
-    """A CSV catalog (``.csv``, ``.csv.gz``, ``.csv.bz2``), read as a stream."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        # The header first, so that identity columns can be read as text: a spectrum_id such
-        # as "00123" must not become the integer 123.
-        with self._open() as reader:
-            names = reader.schema.names
-        self.columns = _match_columns(names, path)
-
-    def _open(self, convert: Any = None) -> Any:
-        import pyarrow as pa
-        import pyarrow.csv as pacsv
-
-        return pacsv.open_csv(
-            pa.input_stream(str(self.path), compression="detect"),
-            read_options=pacsv.ReadOptions(block_size=_CSV_READ_BYTES),
-            convert_options=convert,
-        )
-
-    def blocks(self, block_rows: int) -> Iterator[Any]:
-        import pyarrow as pa
-        import pyarrow.csv as pacsv
-
-        # All as text: no type inference, so a column that looks numeric in one block and not
-        # in the next cannot break the stream; numbers are parsed by _arrow_float.
-        names = list(self.columns.values())
-        convert = pacsv.ConvertOptions(
-            column_types={name: pa.string() for name in names},
-            include_columns=names,
-            strings_can_be_null=True,
-        )
-        with self._open(convert) as reader:
-            yield from _rebatch(reader, block_rows)
-
-
-class _ParquetSource:
-    """A Parquet catalog, read by record batches of the columns we use only (survey catalogs
-    carry hundreds)."""
-
-    def __init__(self, path: Path) -> None:
-        import pyarrow.parquet as pq
-
-        self.path = path
-        with pq.ParquetFile(str(path)) as parquet:
-            self.columns = _match_columns(parquet.schema_arrow.names, path)
-
-    def blocks(self, block_rows: int) -> Iterator[Any]:
-        import pyarrow.parquet as pq
-
-        # pre_buffer (the default) holds whole row groups (1 Mi rows, ~100 MB for our columns)
-        # and reads ahead: 400 MB more at 10 M rows; 1 MB reads are also faster here.
-        with pq.ParquetFile(str(self.path), pre_buffer=False, buffer_size=1 << 20) as parquet:
-            batches = parquet.iter_batches(
-                batch_size=block_rows, columns=list(self.columns.values())
-            )
-            yield from _rebatch(batches, block_rows)
-
-
-class _FitsSource:
-    """A FITS catalog's first table HDU, memory-mapped: a block is a row slice of its columns
-    (allStar has hundreds of columns; only the slices of ours are read)."""
-
-    def __init__(self, path: Path) -> None:
-        from astropy.table import Table
-
-        self.path = path
-        try:
-            self.table = Table.read(str(path), memmap=True)
-        except ValueError as exc:
-            raise CatalogError(f"{path}: no table found in this FITS file ({exc})") from exc
-        self.columns = _match_columns(self.table.colnames, path)
-
-    def blocks(self, block_rows: int) -> Iterator[dict[str, Any]]:
-        for start in range(0, len(self.table), block_rows):
-            stop = start + block_rows
-            yield {name: self.table[name][start:stop] for name in self.columns.values()}
-
-
-def _source(catalog: Path) -> _CsvSource | _ParquetSource | _FitsSource:
-    if not catalog.is_file():
-        raise CatalogError(f"{catalog}: catalog not found (give a .csv, .fits or .parquet file)")
-    suffix = _suffix(catalog)
-    sources = {
-        **dict.fromkeys(CSV_SUFFIXES, _CsvSource),
-        **dict.fromkeys(FITS_SUFFIXES, _FitsSource),
-        **dict.fromkeys(PARQUET_SUFFIXES, _ParquetSource),
-    }
-    if suffix not in sources:
-        raise CatalogError(
-            f"{catalog}: unknown catalog format '{suffix}'; use .csv, .fits or .parquet"
-        )
-    with _unreadable_is_catalog_error(catalog):
-        return sources[suffix](catalog)
-
-
-@contextmanager
-def _unreadable_is_catalog_error(catalog: Path) -> Iterator[None]:
-    """pyarrow and astropy raise many types for a corrupt file: one CatalogError for all."""
-    try:
-        yield
-    except CatalogError:
-        raise
-    except Exception as exc:
-        raise CatalogError(
-            f"{catalog}: cannot read this {_suffix(catalog)} catalog ({type(exc).__name__}: {exc})"
-        ) from exc
-
-
-def _is_arrow(column: Any) -> bool:
-    return hasattr(column, "to_pylist")
-
-
-def _as_text(column: Any) -> list[str | None]:
-    """A text/number column as stripped strings; null, masked and empty cells are None."""
-    if _is_arrow(column):
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        # The common types in pyarrow (20x faster than the loop below); str() of an integer
-        # is the same text as pyarrow's cast.
-        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            return [v or None for v in pc.utf8_trim_whitespace(column).to_pylist()]
-        if pa.types.is_integer(column.type):
-            return pc.cast(column, pa.string()).to_pylist()
-        values = column.to_pylist()
-    else:  # astropy Column / MaskedColumn (FITS text comes as bytes with memmap)
-        mask = np.ma.getmaskarray(column)
-        data = np.asarray(column)
-        values = [None if m else v for v, m in zip(data.tolist(), mask.tolist())]
-    out: list[str | None] = []
-    for value in values:
-        if isinstance(value, bytes):
-            value = value.decode()
-        if value is None or (isinstance(value, float) and not math.isfinite(value)):
-            out.append(None)
-            continue
-        text = str(value).strip()
-        out.append(text or None)
-    return out
-
-
-def _not_numeric(catalog: Path, row: int, name: str, value: Any) -> CatalogError:
-    return CatalogError(
-        f"{catalog}: row {row}, column '{name}' is not numeric: {value!r} "
-        "(give a magnitude, or leave the cell empty to use the apStar header's)"
-    )
-
-
-def _arrow_float(column: Any, name: str, catalog: Path, first_row: int) -> np.ndarray:
-    """A pyarrow photometry column as float64 [mag], NaN where the cell is empty or null."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        column = pc.utf8_trim_whitespace(column)
-        column = pc.if_else(pc.equal(column, ""), pa.scalar(None, column.type), column)
-    try:
-        column = pc.cast(column, pa.float64())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        # Name the first bad cell: one cast per value, on this error path only.
-        for offset, value in enumerate(column.to_pylist()):
-            try:
-                pa.scalar(value, column.type).cast(pa.float64())
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                raise _not_numeric(catalog, first_row + offset, name, value) from None
-        raise
-    return column.to_numpy(zero_copy_only=False).astype(np.float64)
-
-
-def _astropy_float(column: Any, name: str, catalog: Path, first_row: int) -> np.ndarray:
-    """An astropy photometry column slice as float64 [mag], NaN where masked."""
-    try:
-        data = np.ma.masked_invalid(np.ma.asarray(column, dtype=np.float64))
-    except (TypeError, ValueError):
-        mask = np.ma.getmaskarray(column)
-        for offset, (value, masked) in enumerate(zip(np.asarray(column).tolist(), mask.tolist())):
-            if masked:
-                continue
-            try:
-                float(value.decode() if isinstance(value, bytes) else value)
-            except (TypeError, ValueError):
-                raise _not_numeric(catalog, first_row + offset, name, value) from None
-        raise
-    return data.filled(np.nan)
+_NOT_NUMERIC_HINT = " (give a magnitude, or leave the cell empty to use the apStar header's)"
+_NO_PATH_HINT = "Add a column 'path' with each apStar file, relative to the catalog's folder."
 
 
 @dataclass
@@ -347,11 +116,11 @@ class _Block:
 def _values(raw: Any, columns: dict[str, str], catalog: Path, first_row: int) -> _Block:
     """One block of a source as plain values, checked: every row has a path, photometry is
     numeric (else CatalogError naming the row and the column)."""
-    paths = _as_text(raw[columns["path"]])
+    paths = text_values(raw[columns["path"]])
     if None in paths:
         raise CatalogError(f"{catalog}: row {first_row + paths.index(None)} has an empty 'path'")
     if "spectrum_id" in columns:
-        ids = _as_text(raw[columns["spectrum_id"]])
+        ids = text_values(raw[columns["spectrum_id"]])
         spectrum_ids = [sid or path for sid, path in zip(ids, paths)]
     else:
         spectrum_ids = paths
@@ -360,9 +129,7 @@ def _values(raw: Any, columns: dict[str, str], catalog: Path, first_row: int) ->
         if key not in columns:
             photometry[key] = np.full(len(paths), np.nan)
             continue
-        column = raw[columns[key]]
-        as_float = _arrow_float if _is_arrow(column) else _astropy_float
-        photometry[key] = as_float(column, columns[key], catalog, first_row)
+        photometry[key] = float_values(raw[columns[key]], columns[key], catalog, first_row, _NOT_NUMERIC_HINT)
     return _Block(first_row, paths, spectrum_ids, photometry["k_mag"], photometry["ebv"])  # type: ignore[arg-type]
 
 
@@ -489,7 +256,10 @@ class CatalogBlocks:
         self.block_rows = block_rows or BLOCK_ROWS
         if self.block_rows < 1:
             raise ValueError(f"block_rows must be at least 1, got {block_rows}")
-        self._source = _source(self.path)
+        self._source = open_table(self.path)
+        self._columns = match_columns(
+            self._source.names, COLUMN_ALIASES, self.path, required=("path",), hint=_NO_PATH_HINT
+        )
         self._version = self._stat()
         self._base = str(self.path.resolve().parent)
         self.rows, self._repeats = self._check()
@@ -509,11 +279,11 @@ class CatalogBlocks:
                 f"{self.path}: the catalog changed while it was being read; "
                 "run again once it is complete"
             )
-        columns = self._source.columns
+        columns = self._columns
         first_row = 1
-        raw_blocks = self._source.blocks(self.block_rows)
+        raw_blocks = self._source.blocks(self.block_rows, list(columns.values()))
         while True:
-            with _unreadable_is_catalog_error(self.path):
+            with unreadable_is_catalog_error(self.path):
                 raw = next(raw_blocks, None)
                 if raw is None:
                     return

@@ -8,6 +8,7 @@ Every test prints one line with its figures (messages, faults, rows lost, duplic
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import Counter
@@ -42,12 +43,13 @@ def _requests(entries: list[dict]) -> list[SpectrumRequest]:
     return [SpectrumRequest(spectrum_id=e["spectrum_id"], path=e["path"]) for e in entries]
 
 
-def _enqueue(broker_url: str, database_url: str, model: Path, requests, chunk: int) -> int:
+def _enqueue(broker_url: str, database_url: str, model: Path, requests, chunk: int,
+             on_progress=None) -> int:
     """Publish through the producer's own code; returns the number of messages."""
     from astronn_dist.producer.enqueue import enqueue
 
     settings = Settings(broker_url=broker_url, database_url=database_url, model_path=model)
-    return enqueue(requests, settings, chunk_size=chunk, force=True).messages
+    return enqueue(requests, settings, chunk_size=chunk, force=True, on_progress=on_progress).messages
 
 
 def _count_rows(database_url: str) -> int:
@@ -85,6 +87,15 @@ def _all_written(database_url: str, ids: list[str], t0: float, worker: Worker) -
     return (*_check_one_row_each(database_url, ids), elapsed)
 
 
+def _idle(worker: Worker) -> bool:
+    """Every chunk the worker received has ended: Celery's own log lines, one "received" and
+    one "succeeded", "retry" or "reject" per delivery."""
+    log = worker.log()
+    received = set(re.findall(r"Task astronn_dist\.process\[([\w-]+)\] received", log))
+    ended = set(re.findall(r"Task astronn_dist\.process\[([\w-]+)\] (?:succeeded|retry|reject)", log))
+    return bool(received) and received <= ended
+
+
 def _env(redis_url: str, database_url: str, model: Path, **extra) -> dict[str, str]:
     extra.setdefault("ASTRONN_DIST_VISIBILITY_TIMEOUT", VISIBILITY_S)
     return worker_env(redis_url=redis_url, database_url=database_url, model=model, **extra)
@@ -114,16 +125,12 @@ def test_workers_killed_again_and_again_lose_nothing(
     messages = _enqueue(url, sqlite_url, checkpoint, _requests(entries), chunk)
 
     pool_kills = worker_kills = 0
-    deadline = time.monotonic() + 600
-    while pool_kills < 6 and time.monotonic() < deadline:
-        done = _count_rows(sqlite_url)
-        assert done < n, f"the stream ended after only {pool_kills} kills: make it longer"
-        if done >= n * (pool_kills + 1) / 8:
-            victim = (a, b)[pool_kills % 2]
-            if victim.children():
-                victim.kill_pool_process()
-                pool_kills += 1
-        time.sleep(0.3)
+    for pool_kills in range(1, 7):  # at each eighth of the rows, a pool process of a and b in turn
+        victim, target = (a, b)[(pool_kills - 1) % 2], n * pool_kills / 8
+        done = wait_for(lambda: (rows_now := _count_rows(sqlite_url)) >= target and victim.children() and rows_now,
+                        600, f"{target:.0f} rows and a pool process of {victim.name}", victim)
+        assert done < n, f"the stream ended after only {pool_kills - 1} kills: make it longer"
+        victim.kill_pool_process()
     b.kill()  # the whole worker, mid-chunk: no one requeues its message but the timeout
     worker_kills += 1
     c = Worker(env, tmp_path / "c.log", name="c")
@@ -159,17 +166,19 @@ def test_redis_restarted_mid_stream_loses_nothing(
     # The producer publishes the second half while Redis goes down a second time (SIGKILL:
     # with appendfsync always, every acknowledged write is already in the file).
     errors: list[BaseException] = []
+    publishing = threading.Event()  # set by the producer's first message of the second half
 
     def produce() -> None:
         try:
             nonlocal messages
-            messages += _enqueue(url, sqlite_url, checkpoint, requests[half:], chunk)
+            messages += _enqueue(url, sqlite_url, checkpoint, requests[half:], chunk,
+                                 on_progress=lambda _: publishing.set())
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
     publisher = threading.Thread(target=produce)
     publisher.start()
-    time.sleep(0.2)
+    assert publishing.wait(60), "the producer sent nothing"
     down.append(redis_server.restart(down_s=2.0, hard=True))
     publisher.join(120)
     if errors:  # the producer may give up while Redis is away: then the operator reruns it
@@ -205,7 +214,9 @@ def test_postgres_stopped_for_15_s_mid_stream_loses_nothing(
         wait_for(lambda: _count_rows(database_url) >= n // 4, 120, "a quarter written", workers[0])
         pg.stop(mode="fast")
         t_down = time.monotonic()
-        time.sleep(15)
+        # Down until every worker has met the outage with a chunk in hand (and retried it).
+        for w in workers:
+            wait_for(lambda: "database unavailable" in w.log(), 120, f"{w.name} to meet the outage", w)
         pg.start()
         outage = time.monotonic() - t_down
         lost, duplicated, elapsed = _all_written(database_url, ids, t0, workers[0])
@@ -248,7 +259,7 @@ def test_flushed_redis_then_reconcile_gives_every_spectrum_its_row(
     import redis
 
     redis.Redis.from_url(url).flushall()
-    time.sleep(2 * VISIBILITY_S)  # whatever the worker was holding has been written by now
+    wait_for(lambda: _idle(w), 120, "the chunk the worker held to be written", w)
     written = _count_rows(sqlite_url)
     assert written < n, "everything was done before the flush: nothing to recover"
 

@@ -12,11 +12,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # Layer -> the layers it may import (besides itself and the standard library / third parties).
-_BASE = {"astronn_dist.worker.contract", "astronn_dist.worker.config", "astronn_dist.worker.devices"}
+_BASE = {"astronn_dist.worker.contract", "astronn_dist.worker.config", "astronn_dist.worker.devices",
+         "astronn_dist.worker.tables"}
 LAYERS = {
     "astronn_dist.worker.contract": set(),
     "astronn_dist.worker.config": {"astronn_dist.worker.contract"},
     "astronn_dist.worker.devices": set(),
+    "astronn_dist.worker.tables": set(),
     "astronn_dist.worker.science": _BASE,
     "astronn_dist.worker.api": _BASE | {"astronn_dist.worker.science"},
     "astronn_dist.worker.service": _BASE | {"astronn_dist.worker.science"},

@@ -1,8 +1,9 @@
 """astronn-dist worker (``astronn_dist.worker``), in three layers on two base modules:
 
 * :mod:`~astronn_dist.worker.contract` (the request, flag bits, limits, names; no numpy),
-  :mod:`~astronn_dist.worker.config` (settings, defaults) and
-  :mod:`~astronn_dist.worker.devices` (device specs, process plan, device per process);
+  :mod:`~astronn_dist.worker.config` (settings, defaults),
+  :mod:`~astronn_dist.worker.devices` (device specs, process plan, device per process) and
+  :mod:`~astronn_dist.worker.tables` (the catalog reader: CSV, FITS, Parquet in blocks);
 * :mod:`~astronn_dist.worker.science`: reading, normalization, network, inference, distances;
 * :mod:`~astronn_dist.worker.service`: Celery app and task, chunks, results store, metrics;
 * :mod:`~astronn_dist.worker.modeling`: synthetic spectra, training, astroNN model import;

@@ -64,6 +64,13 @@ from torch import nn
 from astronn_dist.worker.science.continuum import N_NORMALIZED, normalize
 from astronn_dist.worker.science.model import ApogeeDistBCNN
 from astronn_dist.worker.science.spectra import SpectrumError, read_apstar
+from astronn_dist.worker.tables import (
+    float_values,
+    match_columns,
+    open_table,
+    text_values,
+    unreadable_is_catalog_error,
+)
 
 DEFAULT_LABEL_ERR_FRACTION = 0.01
 L2 = 5e-9  # astroNN's kernel_regularizer=l2(5e-9) on conv1, conv2, dense_1, dense_2
@@ -72,6 +79,7 @@ CALIBRATION_PASSES = 32  # MC passes per validation star when calibrating the va
 CALIBRATION_STEPS = 500  # full-batch Adam steps on dense_var's 65 parameters
 _NORMALIZE_CHUNK = 256  # spectra per normalize() call: bounds the float64 (n, 8575) buffers
 _MAX_SKIPPED_LISTED = 100
+_CATALOG_BLOCK_ROWS = 50_000  # catalog rows read at a time (the labels of all rows are kept)
 
 
 @dataclass
@@ -123,40 +131,36 @@ def robust_mse(
     return (0.5 * (y_true - y_pred) ** 2 * torch.exp(-corrected) + 0.5 * corrected).mean()
 
 
+_TRAINING_COLUMNS = {"path": ("path",), "fakemag": ("fakemag",), "fakemag_err": ("fakemag_err",)}
+
+
 def _read_catalog(catalog: Path) -> tuple[list[str], np.ndarray, np.ndarray | None]:
-    """Columns ``path``, ``fakemag`` and, if present, ``fakemag_err`` of a CSV/FITS/Parquet table.
+    """Columns ``path``, ``fakemag`` and, if present, ``fakemag_err`` of a CSV/FITS/Parquet table,
+    through the producer's reader (:mod:`astronn_dist.worker.tables`).
 
-    Missing values (empty cells, masked entries) come back as NaN.
+    Missing values (empty cells, masked entries) come back as NaN; an empty path as "".
+
+    Raises:
+        CatalogError (a ValueError): the file is missing, unreadable, of unknown format, lacks
+            path or fakemag, or has a cell that is not a number (naming its row and column).
     """
-    from astropy.table import Table
-
-    name = catalog.name.lower()
-    if name.endswith(".csv"):
-        fmt = "ascii.csv"
-    elif name.endswith((".parquet", ".pq")):
-        fmt = "parquet"
-    elif name.endswith((".fits", ".fit", ".fits.gz", ".fit.gz")):
-        fmt = "fits"
-    else:
-        raise ValueError(f"{catalog}: unknown catalog format (use .csv, .fits or .parquet)")
-    if not catalog.is_file():
-        raise FileNotFoundError(f"{catalog}: catalog not found")
-    table = Table.read(catalog, format=fmt)
-    for column in ("path", "fakemag"):
-        if column not in table.colnames:
-            raise ValueError(
-                f"{catalog}: no '{column}' column; training needs path and fakemag "
-                f"(columns found: {', '.join(table.colnames)})"
-            )
-
-    def floats(name: str) -> np.ndarray:
-        column = table[name]
-        values = np.ma.filled(np.ma.asarray(column).astype(np.float64), np.nan)
-        return np.asarray(values, dtype=np.float64)
-
-    paths = [str(p) for p in np.ma.filled(np.ma.asarray(table["path"]).astype(str), "")]
-    err = floats("fakemag_err") if "fakemag_err" in table.colnames else None
-    return paths, floats("fakemag"), err
+    source = open_table(catalog)
+    columns = match_columns(source.names, _TRAINING_COLUMNS, catalog, required=("path", "fakemag"),
+                            hint="Training needs path and fakemag.")
+    paths: list[str] = []
+    floats: dict[str, list[np.ndarray]] = {"fakemag": [], "fakemag_err": []}
+    first_row = 1
+    with unreadable_is_catalog_error(catalog):
+        for raw in source.blocks(_CATALOG_BLOCK_ROWS, list(columns.values())):
+            block_paths = [p or "" for p in text_values(raw[columns["path"]])]
+            for key in floats:
+                if key in columns:
+                    floats[key].append(float_values(raw[columns[key]], columns[key], catalog, first_row))
+            paths += block_paths
+            first_row += len(block_paths)
+    fakemag = np.concatenate(floats["fakemag"]) if paths else np.zeros(0)
+    err = (np.concatenate(floats["fakemag_err"]) if paths else np.zeros(0)) if "fakemag_err" in columns else None
+    return paths, fakemag, err
 
 
 def _load_dataset(catalog: Path, label_err_fraction: float, progress) -> _Dataset:
