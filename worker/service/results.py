@@ -49,10 +49,13 @@ from astronn_dist.worker.contract import (
     TABLE_NAME,
     SpectrumRequest,
 )
+
 VERSION_TABLE = "astro_nn_dist_alembic_version"
-COUNTS_TABLE = f"{TABLE_NAME}_counts"
 """Alembic's bookkeeping table. Not the default ``alembic_version``: a production PostgreSQL
 database may be shared with other applications that run their own Alembic migrations."""
+
+COUNTS_TABLE = f"{TABLE_NAME}_counts"
+"""The per-key row counts that status reads (:data:`result_counts`, revision 0003)."""
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -738,8 +741,8 @@ def computed_by(engine: Engine | Connection, model_id: str | None = None) -> lis
     combination (None: a row written before revision 0002), for ``status``."""
     counts = _counts()
     how = (counts.c.model_id, counts.c.device, counts.c.mask_rng)
-    query = (sa.select(*how, sa.func.sum(counts.c.row_count).label("rows"))
-             .group_by(*how).having(sa.func.sum(counts.c.row_count) != 0).order_by(*how))
+    # _counts() keeps only keys with rows, so every combination here has some.
+    query = sa.select(*how, sa.func.sum(counts.c.row_count).label("rows")).group_by(*how).order_by(*how)
     if model_id is not None:
         query = query.where(counts.c.model_id == model_id)
     with _reading(engine) as conn:
