@@ -18,6 +18,7 @@ import torch
 from _data import astronn_parameters  # noqa: E402 (tests/ is on sys.path)
 from astronn_dist.worker.science.inference import (  # noqa: E402
     MaskLayout,
+    Schedule,
     module_masks,
     Predictor,
     draw_random16,
@@ -260,19 +261,34 @@ def test_same_spectrum_same_numbers_in_any_batch(model, flux):
     np.testing.assert_array_equal(again.fakemag_err, full.fakemag_err)
 
 
-def test_grouped_path_equals_per_spectrum_path(model, flux):
-    """The GPU strategy (several spectra folded into one set of kernels) runs on the CPU too:
-    same masks (CPU generator), same numbers as the per-spectrum CPU path."""
+def test_gpu_schedule_on_the_cpu_equals_the_cpu_schedule(model, flux):
+    """The GPU's schedule (several spectra, all passes in one set of kernels, no padding) runs
+    on the CPU too: same masks (CPU generator), same numbers as the CPU's schedule."""
     ids = [f"g{i}" for i in range(5)]
-    pred = Predictor(model, mc_passes=40, seed=2, max_rows=80)  # groups of 2, 2, 1 spectra
+    pred = Predictor(model, mc_passes=40, seed=2, max_rows=80)
     want_out, want_lv = pred.sample(flux[:5], ids)
-    out = np.empty_like(want_out)
-    lv = np.empty_like(want_lv)
-    with torch.inference_mode():
-        hp = pred._conv1(torch.from_numpy(flux[:5]))
-        pred._sample_groups(hp, [spectrum_seed(2, s) for s in ids], out, lv)
+    pred.schedule = Schedule.for_device("cuda", 40, pass_tile=25, max_rows=80)
+    assert [(u.start, u.stop) for u in pred.schedule.units(5, pred.threads)] == [(0, 2), (2, 4), (4, 5)]
+    out, lv = pred.sample(flux[:5], ids)
     np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(lv, want_lv, rtol=1e-5, atol=1e-6)
+
+
+def test_schedule_units():
+    """CPU: padded groups at a few passes, parts of 50 passes shared among idle workers;
+    GPU: max_rows spectrum-passes per unit, all passes in one part."""
+    few = Schedule.for_device("cpu", 2, pass_tile=25, max_rows=4096)
+    assert (few.group, few.parts, few.pad) == (32, ((0, 2),), True)
+    assert [(u.start, u.stop) for u in few.units(70, workers=2)] == [(0, 32), (32, 64), (64, 70)]
+    many = Schedule.for_device("cpu", 100, pass_tile=25, max_rows=4096)
+    assert (many.group, many.parts) == (1, ((0, 50), (50, 100)))
+    assert [u.parts for u in many.units(3, workers=2)] == [((0, 50), (50, 100))] * 3
+    shared = many.units(1, workers=4)  # one spectrum, idle workers: one unit per part
+    assert [(u.start, u.stop, u.parts) for u in shared] == [(0, 1, ((0, 50),)), (0, 1, ((50, 100),))]
+    gpu = Schedule.for_device("cuda", 100, pass_tile=25, max_rows=4096)
+    assert (gpu.group, gpu.parts, gpu.pass_tile, gpu.pad) == (40, ((0, 100),), 100, False)
+    assert [(u.start, u.stop) for u in gpu.units(90, workers=1)] == [(0, 40), (40, 80), (80, 90)]
+    assert gpu.units(0, workers=1) == []
 
 
 def test_masks_depend_on_spectrum_id_and_seed(model, flux):

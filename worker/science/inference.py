@@ -31,13 +31,19 @@ How, fast (each step is the same arithmetic as the reference, in another order):
    is dropped when its 16-bit value is among the lowest ``round(0.3 * 65536)`` = 19661 of 65536,
    so the keep probability is 45875/65536 = 0.6999969 (0.7 to 3e-6). ``torch.bernoulli_`` costs
    about 10x more; 8-bit draws would give 0.6992, off by 8e-4.
-7. On the CPU, whole spectra go to a pool of single-threaded workers (one per core): each
-   spectrum's working set stays in that core's cache, mask generation (serial per generator)
-   runs on all cores at once, and no OpenMP team spins on a busy machine. With fewer spectra
-   than workers, a spectrum's passes are shared among them. Passes are processed in tiles of
-   25 so the per-tile buffers stay in cache, and the buffers are reused from spectrum to
-   spectrum (a fresh multi-MB tensor costs page faults that can exceed the arithmetic).
-8. On a GPU, groups of spectra (``max_rows`` spectrum-passes) go through one set of kernels.
+7. One scheduler for both devices (:class:`Schedule`): a batch is cut into units of work,
+   each a group of spectra and the pass parts it runs; a unit draws its spectra's random
+   numbers and runs the network from conv2 on (``Predictor._run_unit``).
+   On the CPU, units go to a pool of single-threaded workers (one per core): each unit's
+   working set stays in that core's cache, mask generation (serial per generator) runs on all
+   cores at once, and no OpenMP team spins on a busy machine. At 100 passes a unit is one
+   spectrum; at a few passes it is a group of spectra padded to CPU_GROUP_ROWS rows, so the
+   dense weights are streamed once per group, not per spectrum. With fewer units than
+   workers, a spectrum's pass parts are shared among them. Passes are processed in tiles of
+   25 so the per-tile buffers stay in cache, and the buffers are reused from unit to unit
+   (a fresh multi-MB tensor costs page faults that can exceed the arithmetic).
+   On a GPU, units are groups of ``max_rows`` spectrum-passes, one after the other, all
+   passes of a group in one set of kernels.
 
 Reproducibility: the masks of a spectrum come from a generator seeded with
 ``spectrum_seed(seed, spectrum_id)`` and are drawn in a fixed layout for all passes at once, so a
@@ -65,7 +71,7 @@ import torch.nn.functional as F
 from astronn_dist.worker.config import DEFAULT_MC_PASSES, DEFAULT_SEED
 from astronn_dist.worker.science.model import ApogeeDistBCNN, LoadedModel
 
-__all__ = ["spectrum_seed", "Prediction", "Predictor", "MaskLayout"]
+__all__ = ["spectrum_seed", "Prediction", "Predictor", "MaskLayout", "Schedule"]
 
 RANDOM_LEVELS = 1 << 16  # masks use 16-bit random integers
 BLOCK = 8  # output positions per conv2 block (the Toeplitz product's width / 4 channels)
@@ -199,10 +205,58 @@ def module_masks(randoms: tuple[torch.Tensor, ...], layout: MaskLayout, threshol
     The fast path keeps unit i of pass p when its 16-bit number is >= ``threshold``; the conv2
     input is laid out channel-last on padded positions (pixel j at position margin + j).
     """
-    r1, r2, r3 = randoms
-    passes = r1.shape[0]
-    conv1 = r1.view(passes, layout.n_pos, layout.c1)[:, layout.margin : layout.margin + layout.n_pixels]
-    return (conv1.permute(0, 2, 1) >= threshold, r2[:, : layout.n_flat] >= threshold, r3 >= threshold)
+    rand_conv2_in, rand_pooled, rand_hidden = randoms
+    passes = rand_conv2_in.shape[0]
+    conv1 = rand_conv2_in.view(passes, layout.n_pos, layout.c1)[
+        :, layout.margin : layout.margin + layout.n_pixels]
+    return (conv1.permute(0, 2, 1) >= threshold, rand_pooled[:, : layout.n_flat] >= threshold,
+            rand_hidden >= threshold)
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """Spectra ``start .. stop - 1`` of a batch and the pass ranges ``parts`` to run for them."""
+
+    start: int
+    stop: int
+    parts: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How a batch is cut into units of work: the one scheduler of the CPU and the GPU.
+
+    CPU: groups of ``CPU_GROUP_ROWS // mc_passes`` spectra (padded: same shapes, same
+    rounding), parts of CPU_PASS_PART passes in tiles of ``pass_tile``, a unit per worker job;
+    with fewer units than workers, a spectrum's parts are shared among them. GPU: groups of
+    ``max_rows // mc_passes`` spectra, all passes in one part and one tile (one set of kernels
+    per group), not padded.
+    """
+
+    group: int  # spectra per unit
+    parts: tuple[tuple[int, int], ...]  # pass ranges, one forward call each
+    pass_tile: int  # passes per tile of the convolution stage
+    pad: bool  # pad a partial group to ``group`` spectra
+    share: bool  # split units by part when there are fewer units than workers
+
+    @classmethod
+    def for_device(cls, kind: str, mc_passes: int, *, pass_tile: int, max_rows: int
+                   ) -> "Schedule":
+        """The schedule of a device type ('cpu' or 'cuda')."""
+        if kind == "cpu":
+            group, part, tile = max(1, CPU_GROUP_ROWS // mc_passes), CPU_PASS_PART, pass_tile
+        else:  # the GPU wants large kernels
+            group, part, tile = max(1, max_rows // mc_passes), mc_passes, mc_passes
+        parts = tuple((p0, min(mc_passes, p0 + part)) for p0 in range(0, mc_passes, part))
+        return cls(group, parts, tile, pad=kind == "cpu", share=kind == "cpu")
+
+    def units(self, n: int, workers: int) -> list[WorkUnit]:
+        """The units of a batch of n spectra (results are placed by index, any order)."""
+        units = [WorkUnit(start, min(n, start + self.group), self.parts)
+                 for start in range(0, n, self.group)]
+        if self.share and len(units) < workers and len(self.parts) > 1:
+            units = [WorkUnit(u.start, u.stop, (part,)) for u in units for part in self.parts]
+        return units
 
 
 class Predictor:
@@ -260,11 +314,10 @@ class Predictor:
         # every spectrum's handful of rows, a fixed cost per spectrum larger than the arithmetic.
         # So spectra go through in groups of a fixed size (partial groups padded), giving every
         # matrix product at least CPU_GROUP_ROWS rows; at 100 passes a group is one spectrum.
-        self.cpu_group = max(1, CPU_GROUP_ROWS // self.mc_passes)
-        self._pass_parts = [(p0, min(self.mc_passes, p0 + CPU_PASS_PART))
-                            for p0 in range(0, self.mc_passes, CPU_PASS_PART)]
         # Rows (spectrum x pass) per block of work on a GPU: bounds its memory (~0.4 MB a row).
         self.max_rows = int(max_rows or 4096)
+        self.schedule = Schedule.for_device(self.device.type, self.mc_passes,
+                                            pass_tile=self.pass_tile, max_rows=self.max_rows)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
         self._local = threading.local()
@@ -373,11 +426,17 @@ class Predictor:
             return out, log_var
         seeds = [spectrum_seed(self.seed, s) for s in ids]
         with torch.inference_mode():
-            hp = self._conv1(torch.from_numpy(flux).to(self.device))  # (N, 7520 * 2)
-            if self.device.type == "cuda":
-                self._sample_groups(hp, seeds, out, log_var)
-            else:
-                self._sample_cpu(hp, seeds, out, log_var)
+            conv1_out = self._conv1(torch.from_numpy(flux).to(self.device))  # (N, 7520 * 2)
+        units = self.schedule.units(len(flux), self.threads)
+        if self.device.type == "cpu":
+            # Always in the worker threads, never the caller's (whose torch threads are its own).
+            pool = self._worker_pool()
+            jobs = [pool.submit(self._run_unit, conv1_out, seeds, u, out, log_var) for u in units]
+            for job in jobs:
+                job.result()  # re-raises a worker's exception here
+        else:  # one GPU stream: the units go one after the other, each a set of kernels
+            for unit in units:
+                self._run_unit(conv1_out, seeds, unit, out, log_var)
         return out, log_var
 
     def close(self) -> None:
@@ -417,47 +476,49 @@ class Predictor:
             out[start : start + 512, lay.margin : lay.margin + lay.n_pixels] = h.transpose(1, 2)
         return out.view(n, lay.n_x1)
 
-    def _forward(self, hp: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, r3: torch.Tensor,
-                 pass_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """All passes of S spectra -> out, log_var (S, P).
+    def _mc_forward(self, conv1_out: torch.Tensor, rand_conv2_in: torch.Tensor,
+                    rand_pooled: torch.Tensor, rand_hidden: torch.Tensor, pass_tile: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """P passes of S spectra from conv1's output on -> out, log_var (S, P).
 
-        hp: conv1 output (S, 15040); r1, r2, r3: the masks' random numbers (S, P, 15040),
-        (S, P, 7520), (S, P, 192) int16 (:func:`draw_random16`).
+        conv1_out: (S, 15040) (:meth:`_conv1`); the random numbers of the three masks, int16
+        (:func:`draw_random16`): conv2 input (S, P, 15040), flattened pooling (S, P, 7520),
+        dense_1 output (S, P, 192). A unit is kept where its number is >= ``threshold``.
         """
         lay = self.layout
-        s, n_passes = r1.shape[:2]
+        s, n_passes = rand_conv2_in.shape[:2]
         rows = s * n_passes
-        thr, dev = self.threshold, hp.device
-        feats = self._buffer("feats", (s, n_passes, lay.n_feat), torch.float32, dev)
+        thr, dev = self.threshold, conv1_out.device
+        pooled = self._buffer("pooled", (s, n_passes, lay.n_feat), torch.float32, dev)
         chunk = 2 * BLOCK * lay.c1  # floats per chunk (32)
         per_block = (BLOCK // lay.pool) * lay.c2  # pooled features per block (8)
         for p0 in range(0, n_passes, pass_tile):
             p1 = min(n_passes, p0 + pass_tile)
             t = s * (p1 - p0)
-            # conv2 input: (t, 15040) masked copies of hp, then one chunk of zeros so that
-            # grid 1's last (unused) chunk of the last pass stays inside the buffer.
-            d1 = self._buffer("d1", (t * lay.n_x1 + chunk,), torch.float32, dev)
-            d1[t * lay.n_x1 :].zero_()
-            masked = d1[: t * lay.n_x1].view(s, p1 - p0, lay.n_x1)
+            # conv2 input: (t, 15040) masked copies of conv1_out, then one chunk of zeros so
+            # that grid 1's last (unused) chunk of the last pass stays inside the buffer.
+            conv2_in = self._buffer("conv2_in", (t * lay.n_x1 + chunk,), torch.float32, dev)
+            conv2_in[t * lay.n_x1 :].zero_()
+            masked = conv2_in[: t * lay.n_x1].view(s, p1 - p0, lay.n_x1)
             # A comparison written straight into float32 is ~5x faster than bool * float.
-            torch.ge(r1[:, p0:p1], thr, out=masked).mul_(hp[:, None, :])
-            out4 = feats[:, p0:p1].view(t, lay.n_chunks, 2, per_block)
+            torch.ge(rand_conv2_in[:, p0:p1], thr, out=masked).mul_(conv1_out[:, None, :])
+            tile_blocks = pooled[:, p0:p1].view(t, lay.n_chunks, 2, per_block)
             for grid in (0, 1):  # grid 1 starts BLOCK positions (16 floats) later
-                x = d1[grid * chunk // 2 :][: t * lay.n_x1].view(t * lay.n_chunks, chunk)
-                y = self._buffer("conv2", (t * lay.n_chunks, BLOCK * lay.c2), torch.float32, dev)
+                x = conv2_in[grid * chunk // 2 :][: t * lay.n_x1].view(t * lay.n_chunks, chunk)
+                y = self._buffer("conv2_out", (t * lay.n_chunks, BLOCK * lay.c2), torch.float32, dev)
                 torch.mm(x, self.toeplitz, out=y)  # (t * 470, 32) conv2 outputs
-                pooled = F.max_pool1d(y.view(1, 1, -1), lay.pool)  # (1, 1, t * 470 * 8)
-                torch.add(pooled.view(t, lay.n_chunks, per_block), self.b_toeplitz,
-                          out=out4[:, :, grid])  # interleave the grids: Keras flatten order
-            tile = feats[:, p0:p1]
-            keep2 = self._buffer("keep2", tile.shape, torch.float32, dev)
-            tile.clamp_(min=0).mul_(torch.ge(r2[:, p0:p1], thr, out=keep2))  # ReLU, dropout
-        flat = feats.view(rows, lay.n_feat)[:, : lay.n_flat]  # (rows, 7512); the tail unused
-        h = torch.addmm(self.b_dense1, flat, self.w_dense1).clamp_(min=0)  # (rows, 192)
-        keep3 = self._buffer("keep3", (rows, lay.hidden1), torch.float32, dev)
-        h.mul_(torch.ge(r3.reshape(rows, lay.hidden1), thr, out=keep3))
-        h = torch.addmm(self.b_dense2, h, self.w_dense2).clamp_(min=0)  # (rows, 64)
-        heads = torch.addmm(self.b_heads, h, self.w_heads).view(s, n_passes, 2)
+                maxed = F.max_pool1d(y.view(1, 1, -1), lay.pool)  # (1, 1, t * 470 * 8)
+                torch.add(maxed.view(t, lay.n_chunks, per_block), self.b_toeplitz,
+                          out=tile_blocks[:, :, grid])  # interleave the grids: Keras flatten order
+            tile = pooled[:, p0:p1]
+            keep_pooled = self._buffer("keep_pooled", tile.shape, torch.float32, dev)
+            tile.clamp_(min=0).mul_(torch.ge(rand_pooled[:, p0:p1], thr, out=keep_pooled))  # ReLU, dropout
+        flat = pooled.view(rows, lay.n_feat)[:, : lay.n_flat]  # (rows, 7512); the tail unused
+        hidden = torch.addmm(self.b_dense1, flat, self.w_dense1).clamp_(min=0)  # (rows, 192)
+        keep_hidden = self._buffer("keep_hidden", (rows, lay.hidden1), torch.float32, dev)
+        hidden.mul_(torch.ge(rand_hidden.reshape(rows, lay.hidden1), thr, out=keep_hidden))
+        hidden = torch.addmm(self.b_dense2, hidden, self.w_dense2).clamp_(min=0)  # (rows, 64)
+        heads = torch.addmm(self.b_heads, hidden, self.w_heads).view(s, n_passes, 2)
         return F.softplus(heads[..., 0]), heads[..., 1]
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
@@ -472,64 +533,51 @@ class Predictor:
             buf = store[name] = torch.empty(size, dtype=dtype)
         return buf[:size].view(shape)
 
-    def _one_spectrum(self, hp_row: torch.Tensor, seed: int, out: np.ndarray,
-                      log_var: np.ndarray) -> None:
-        """All passes of one spectrum on the CPU, into out and log_var (P,)."""
-        masks = draw_random16(seed, self.mc_passes, self.layout)
-        for p0, p1 in self._pass_parts:
-            self._passes(hp_row, masks, p0, p1, out, log_var)
+    # -- one unit of work (either device) -------------------------------------------------------
 
-    def _passes(self, hp_row: torch.Tensor, masks: tuple[torch.Tensor, ...], p0: int, p1: int,
-                out: np.ndarray, log_var: np.ndarray) -> None:
-        """Passes p0..p1-1 of one spectrum (masks from :func:`draw_random16`), on the CPU."""
+    def _run_unit(self, conv1_out: torch.Tensor, seeds: list[int], unit: WorkUnit,
+                  out: np.ndarray, log_var: np.ndarray) -> None:
+        """One unit: draw its spectra's random numbers, then run its pass parts."""
         with torch.inference_mode():  # grad mode is per thread: set it in the worker
-            r1, r2, r3 = (m[None, p0:p1] for m in masks)
-            o, lv = self._forward(hp_row[None], r1, r2, r3, self.pass_tile)
-            out[p0:p1] = o[0].numpy()
-            log_var[p0:p1] = lv[0].numpy()
+            spectra, randoms = self._unit_inputs(conv1_out, seeds, unit)
+            real = unit.stop - unit.start
+            for p0, p1 in unit.parts:
+                tiles = (r[:, p0:p1] for r in randoms)
+                o, lv = self._mc_forward(spectra, *tiles, pass_tile=self.schedule.pass_tile)
+                out[unit.start : unit.stop, p0:p1] = o[:real].cpu().numpy()
+                log_var[unit.start : unit.stop, p0:p1] = lv[:real].cpu().numpy()
 
-    def _group(self, hp: torch.Tensor, seeds: list[int], start: int, out: np.ndarray,
-               log_var: np.ndarray) -> None:
-        """All passes of spectra start..start+cpu_group-1 in one forward call, on the CPU.
+    def _unit_inputs(self, conv1_out: torch.Tensor, seeds: list[int], unit: WorkUnit
+                     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """A unit's conv1 rows and random numbers (S, P, width) int16 for the three masks.
 
-        A partial group is padded with zero spectra, so every call has the same shape (the
-        same rounding wherever a spectrum sits in a batch)."""
-        group, lay = self.cpu_group, self.layout
-        stop = min(len(seeds), start + group)
-        masks = [draw_random16(seeds[i], self.mc_passes, lay) for i in range(start, stop)]
-        masks += [masks[0]] * (group - len(masks))
-        rows = hp[start:stop]
-        if stop - start < group:
-            rows = torch.cat([rows, rows.new_zeros(group - (stop - start), rows.shape[1])])
-        with torch.inference_mode():
-            r1, r2, r3 = (torch.stack(m) for m in zip(*masks))  # (G, P, width) each
-            o, lv = self._forward(rows, r1, r2, r3, self.pass_tile)
-            out[start:stop] = o[: stop - start].numpy()
-            log_var[start:stop] = lv[: stop - start].numpy()
-
-    def _sample_cpu(self, hp: torch.Tensor, seeds: list[int], out: np.ndarray,
-                    log_var: np.ndarray) -> None:
-        n = len(seeds)
-        # Always in the worker threads, never the caller's (whose torch threads are its own).
-        pool = self._worker_pool()
-        if self.cpu_group > 1:
-            starts = range(0, n, self.cpu_group)
-            for job in [pool.submit(self._group, hp, seeds, s, out, log_var) for s in starts]:
-                job.result()
-            return
-        if n >= self.threads:  # one spectrum per job: everything stays in one core's cache
-            jobs = [pool.submit(self._one_spectrum, hp[i], seeds[i], out[i], log_var[i])
-                    for i in range(n)]
-        else:
-            # Fewer spectra than workers: draw each spectrum's numbers here (a generator stream
-            # is serial anyway), then share its parts out among the workers.
-            jobs = []
-            for i in range(n):
-                masks = draw_random16(seeds[i], self.mc_passes, self.layout)
-                jobs += [pool.submit(self._passes, hp[i], masks, p0, p1, out[i], log_var[i])
-                         for p0, p1 in self._pass_parts]
-        for job in jobs:
-            job.result()  # re-raises a worker's exception here
+        Every spectrum draws all its passes from its own generator stream (draw_random16), so
+        its numbers do not depend on the unit it is in. A padded schedule (CPU) fills a partial
+        group with zero spectra and zero random numbers (results discarded): every forward call
+        then has the same shape, so a spectrum rounds the same wherever it sits in a batch.
+        """
+        lay, dev, passes = self.layout, conv1_out.device, self.mc_passes
+        real = unit.stop - unit.start
+        rows = self.schedule.group if self.schedule.pad else real
+        spectra = conv1_out[unit.start : unit.stop]
+        generator = None if dev.type == "cpu" else torch.Generator(device=dev)
+        if rows == 1:  # one spectrum: its numbers as drawn, not copied (4.5 MB at 100 passes)
+            drawn = draw_random16(seeds[unit.start], passes, lay, generator)
+            return spectra, tuple(r[None] for r in drawn)
+        raw = [self._buffer(f"random{i}", (rows, passes * width // 4), torch.int64, dev)
+               for i, width in enumerate(lay.widths)]
+        for i in range(real):
+            draw_random16(seeds[unit.start + i], passes, lay, generator, tuple(r[i] for r in raw))
+        if rows > real:
+            for r in raw:
+                r[real:].zero_()
+            padded = self._buffer("spectra", (rows, lay.n_x1), torch.float32, dev)
+            padded[:real] = spectra
+            padded[real:].zero_()
+            spectra = padded
+        randoms = tuple(r.view(torch.int16).view(rows, passes, width)
+                        for r, width in zip(raw, lay.widths))
+        return spectra, randoms
 
     def _worker_pool(self) -> ThreadPoolExecutor:
         # A pool made before a fork (Celery prefork) has no threads in the child: remake it.
@@ -540,21 +588,3 @@ class Predictor:
             )
             self._pool_pid = os.getpid()
         return self._pool
-
-    def _sample_groups(self, hp: torch.Tensor, seeds: list[int], out: np.ndarray,
-                       log_var: np.ndarray) -> None:
-        """GPU: groups of spectra, all passes of a group in one set of kernels."""
-        lay = self.layout
-        group = max(1, self.max_rows // self.mc_passes)
-        gen = torch.Generator(device=hp.device)
-        for start in range(0, len(seeds), group):
-            stop = min(len(seeds), start + group)
-            raw = [torch.empty(stop - start, self.mc_passes * w // 4, dtype=torch.int64,
-                               device=hp.device) for w in lay.widths]
-            for i in range(start, stop):  # one generator stream per spectrum
-                draw_random16(seeds[i], self.mc_passes, lay, gen, tuple(r[i - start] for r in raw))
-            r1, r2, r3 = (r.view(torch.int16).view(stop - start, self.mc_passes, w)
-                          for r, w in zip(raw, lay.widths))
-            o, lv = self._forward(hp[start:stop], r1, r2, r3, self.mc_passes)
-            out[start:stop] = o.cpu().numpy()
-            log_var[start:stop] = lv.cpu().numpy()
