@@ -56,6 +56,9 @@ def test_worker_serves_counts_by_outcome_and_flag_latency_and_device(
     assert m[("astronn_dist_chunk_seconds_count", ())] == 2
     assert m[("astronn_dist_rejected_messages_total", ())] == 1
     assert m[("astronn_dist_model_load_seconds", ())] > 0
+    # The queue, read from Redis at the scrape: every message taken, the broker reachable.
+    assert m[("astronn_dist_queue_messages", (("state", "waiting"),))] == 0
+    assert m[("astronn_dist_broker_up", ())] == 1
     info = [k for k in m if k[0] == "astronn_dist_worker_info"]
     assert len(info) == 1 and ("device", "cpu") in info[0][1]
     assert dict(info[0][1])["model_id"].startswith("random-dr17-")
@@ -125,3 +128,62 @@ def test_the_metrics_server_refuses_an_address_that_is_not_an_ip(monkeypatch) ->
     with pytest.raises(ValueError, match="metrics address 'localhost' .* is not an IP address"):
         metrics.serve(free_port(), "localhost")
     assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ  # refused before doing anything
+
+
+def test_the_queue_gauges_read_the_broker_at_each_scrape(redis_url: str) -> None:
+    """QueueCollector on a real Redis: waiting (LLEN) and in flight (kombu's unacked hash) as
+    they are now; an unreachable broker gives broker_up 0 and no queue samples, not an error."""
+    import redis
+
+    from astronn_dist.worker.contract import QUEUE
+    from astronn_dist.worker.service.metrics import QueueCollector
+
+    def samples(collector: QueueCollector) -> dict[tuple[str, tuple], float]:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in collector.collect() for s in family.samples}
+
+    client = redis.Redis.from_url(redis_url)
+    client.rpush(QUEUE, "a", "b", "c")
+    client.hset("unacked", "tag", "x")
+    collector = QueueCollector(redis_url)
+    assert samples(collector) == {("astronn_dist_broker_up", ()): 1,
+                                  ("astronn_dist_queue_messages", (("state", "waiting"),)): 3,
+                                  ("astronn_dist_queue_messages", (("state", "in_flight"),)): 1}
+    client.lpop(QUEUE)
+    assert samples(collector)[("astronn_dist_queue_messages", (("state", "waiting"),))] == 2
+    gone = QueueCollector(f"redis://127.0.0.1:{free_port()}/0")
+    assert samples(gone) == {("astronn_dist_broker_up", ()): 0}
+
+
+DASHBOARD = Path(__file__).parents[1] / "deploy" / "grafana" / "dashboards" / "astronn-dist.json"
+
+
+def _exported_series() -> dict[str, str]:
+    """Every series name the worker can export, by the metric family it belongs to."""
+    from prometheus_client import REGISTRY
+
+    from astronn_dist.worker.service import metrics
+
+    metrics._metrics()  # the worker's metric objects, in this process's default registry
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
+    families = [f for f in REGISTRY.collect() if f.name.startswith("astronn_dist_")]
+    families += metrics.QueueCollector("redis://127.0.0.1:1/0").describe()  # reads no broker
+    return {f.name + end: f.name for f in families for end in suffixes[f.type]}
+
+
+def test_the_grafana_dashboard_queries_only_what_the_worker_exports() -> None:
+    """Every series a panel of deploy/grafana's dashboard queries is one the worker exports,
+    and every metric family the worker exports is on the dashboard."""
+    import json
+    import re
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert exprs and all(panel["targets"] for panel in dashboard["panels"])
+    queried = {name for e in exprs for name in re.findall(r"\bastronn_dist_\w+", e)}
+    exported = _exported_series()
+    assert queried <= set(exported), sorted(queried - set(exported))
+    assert {exported[q] for q in queried} == set(exported.values())
+    datasources = {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]}
+    provisioned = (DASHBOARD.parents[1] / "provisioning" / "datasources" / "prometheus.yaml").read_text()
+    assert datasources == {"prometheus"} and "uid: prometheus" in provisioned

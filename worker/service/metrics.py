@@ -22,7 +22,15 @@ Metrics (all prefixed ``astronn_dist_``):
 ``rejected_messages_total``                   messages refused as invalid (JSON, schema)
 ``model_load_seconds``                        time the last model load took (max over processes)
 ``worker_info{device,model_id}``              1 per live pool process, labelled
+``queue_messages{state}``                     the broker's queue at scrape time: ``waiting``
+                                              (LLEN) and ``in_flight`` (kombu's unacked hash)
+``broker_up``                                 1 when the scrape could read the queue, else 0
 ============================================  =================================================
+
+The queue gauges are read by the parent at each scrape (:class:`QueueCollector`), so every
+worker reports the same shared queue: take ``max``, not ``sum``, over workers.
+deploy/grafana/ holds a dashboard of these metrics (tests/test_metrics.py checks it queries
+nothing else).
 
 Nothing secret is ever a label: no URL, path or message content.
 """
@@ -41,6 +49,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from astronn_dist.worker.config import DEFAULT_METRICS_ADDR, metrics_address
+from astronn_dist.worker.contract import QUEUE
 from astronn_dist.worker.service.results import FLAG_COUNTS
 
 if TYPE_CHECKING:
@@ -125,14 +134,58 @@ def process_exited(pid: int) -> None:
         multiprocess.mark_process_dead(pid)
 
 
-def serve(port: int, address: str = DEFAULT_METRICS_ADDR) -> bool:
+class QueueCollector:
+    """The queue's length, read from the broker when Prometheus scrapes (a custom collector).
+
+    A broker that cannot be reached gives ``broker_up 0`` and no queue samples: the scrape
+    itself never fails, so the worker's other metrics still arrive.
+    """
+
+    def __init__(self, broker_url: str) -> None:
+        import redis
+
+        # Short timeouts: a scrape must answer within Prometheus's scrape timeout (10 s).
+        self._client = redis.Redis.from_url(broker_url, socket_connect_timeout=2, socket_timeout=2)
+
+    @staticmethod
+    def _families():  # noqa: ANN205
+        from prometheus_client.core import GaugeMetricFamily
+
+        return (GaugeMetricFamily("astronn_dist_broker_up", "1 when the broker's queue could be read."),
+                GaugeMetricFamily("astronn_dist_queue_messages",
+                                  "Messages on the broker's queue, by state.", labels=["state"]))
+
+    def describe(self):  # noqa: ANN201 - the families, without reading the broker
+        return self._families()
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
+        import redis
+
+        up, queue = self._families()
+        try:
+            with self._client.pipeline(transaction=False) as pipe:
+                waiting, in_flight = pipe.llen(QUEUE).hlen("unacked").execute()
+        except redis.exceptions.RedisError as exc:
+            log.debug("queue length not read: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        queue.add_metric(["waiting"], waiting)  # waiting for a worker
+        queue.add_metric(["in_flight"], in_flight)  # delivered, not yet acknowledged
+        yield queue
+
+
+def serve(port: int, address: str = DEFAULT_METRICS_ADDR, broker_url: str | None = None) -> bool:
     """Serve ``/metrics`` on ``address:port`` from this (parent) process, summed over its pool.
 
     Call before the pool forks. ``address`` is an IP address (``ASTRONN_DIST_METRICS_ADDR``,
     ``--metrics-addr``): ``0.0.0.0`` for a Prometheus on another host, ``127.0.0.1`` to keep
     the metrics on this host. Uses ``PROMETHEUS_MULTIPROC_DIR`` when the environment sets it
     (its ``*.db`` sample files, a previous run's, are removed first), else a fresh temporary
-    folder. Returns False, with a warning, when the port cannot be bound (e.g. a second worker
+    folder. With ``broker_url``, the queue's length is read at each scrape (:class:`QueueCollector`).
+    Returns False, with a warning, when the port cannot be bound (e.g. a second worker
     on the host, or an address this host does not have): the worker runs on without metrics
     rather than not at all. ``port`` 0 disables metrics.
 
@@ -156,6 +209,8 @@ def serve(port: int, address: str = DEFAULT_METRICS_ADDR) -> bool:
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=folder)
+    if broker_url:
+        registry.register(QueueCollector(broker_url))
     try:
         start_http_server(port, addr=address, registry=registry)
     except OSError as exc:
