@@ -25,6 +25,8 @@ from astronn_dist.producer.catalog import (
 )
 from astronn_dist.worker.contract import SpectrumRequest
 
+from _catalogs import write_catalog  # tests/ is on sys.path
+
 
 def _tree(root: Path, apstar_files: list[Path]) -> dict[str, Path]:
     """A small survey tree: real apStar files (symlinked), a gzipped one, and decoys."""
@@ -198,34 +200,6 @@ def test_real_files_and_gather(tmp_path: Path, apstar_files: list[Path], sample_
 FORMATS = ["csv", "csv.gz", "parquet", "fits"]
 
 
-def _write(fmt: str, path: Path, columns: dict[str, list]) -> Path:
-    """``columns`` (None = an empty cell) as a catalog in ``fmt``; returns the file."""
-    path = path.with_name(f"{path.name}.{fmt}")
-    text_columns = {name for name, values in columns.items() if any(isinstance(v, str) for v in values)}
-    if fmt in ("csv", "csv.gz"):
-        def cell(value):
-            return "" if value is None else "NaN" if isinstance(value, float) and np.isnan(value) else str(value)
-        lines = [",".join(columns)] + [",".join(map(cell, row)) for row in zip(*columns.values())]
-        data = ("\n".join(lines) + "\n").encode()
-        path.write_bytes(gzip.compress(data) if fmt == "csv.gz" else data)
-    elif fmt == "parquet":
-        pq.write_table(
-            pa.table({name: pa.array(values, pa.string() if name in text_columns else pa.float64())
-                      for name, values in columns.items()}),
-            path,
-        )
-    else:
-        table = Table()
-        for name, values in columns.items():
-            if name in text_columns:  # FITS text is bytes; UTF-8 ids survive as bytes
-                table[name] = np.array([(v or "").encode() for v in values], dtype="S64")
-            else:
-                table[name] = MaskedColumn([np.nan if v is None else v for v in values],
-                                           mask=[v is None for v in values], dtype=np.float64)
-        table.write(path)
-    return path
-
-
 def _flat(blocks) -> list[SpectrumRequest]:
     return [request for block in blocks for request in block]
 
@@ -234,7 +208,7 @@ def _flat(blocks) -> list[SpectrumRequest]:
 def test_blocks_equal_the_whole_file(tmp_path: Path, fmt: str):
     """Aliases, empty and NaN cells, non-ASCII ids, an exact repeat across a block boundary and
     one written differently (``./b/../x`` and ``x``): three rows per block."""
-    catalog = _write(fmt, tmp_path / "stars", {
+    catalog = write_catalog(fmt, tmp_path / "stars", {
         "Path": ["a/apStar-1.fits", "apStar-2.fits", "/abs/apStar-3.fits", "a/apStar-1.fits",
                  "./b/../apStar-5.fits", "apStar-5.fits", "c/apStar-7.fits"],
         "SPECTRUM_ID": ["00123", "étoile-β", None, "00123", "s5", "s5", "日本"],
@@ -260,7 +234,7 @@ def test_blocks_equal_the_whole_file(tmp_path: Path, fmt: str):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_missing_photometry_columns_mean_the_headers(tmp_path: Path, fmt: str):
-    catalog = _write(fmt, tmp_path / "paths", {"path": ["apStar-1.fits", "apStar-2.fits", "apStar-3.fits"]})
+    catalog = write_catalog(fmt, tmp_path / "paths", {"path": ["apStar-1.fits", "apStar-2.fits", "apStar-3.fits"]})
     assert _flat(iter_catalog(catalog, block_rows=2)) == [
         SpectrumRequest(f"apStar-{i}.fits", str(tmp_path / f"apStar-{i}.fits")) for i in (1, 2, 3)
     ]
@@ -268,7 +242,7 @@ def test_missing_photometry_columns_mean_the_headers(tmp_path: Path, fmt: str):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_conflict_across_blocks_names_both_rows(tmp_path: Path, fmt: str):
-    catalog = _write(fmt, tmp_path / "clash", {
+    catalog = write_catalog(fmt, tmp_path / "clash", {
         "path": ["a.fits", "b.fits", "c.fits", "d.fits", "e.fits"],
         "spectrum_id": ["s1", "s2", "s3", "s4", "s2"],
         "k_mag": [9.0, 9.0, 9.0, 9.0, 9.0],
@@ -276,7 +250,7 @@ def test_a_conflict_across_blocks_names_both_rows(tmp_path: Path, fmt: str):
     with pytest.raises(CatalogError, match=r"spectrum_id 's2' is used by rows 2 and 5 with different values"):
         open_catalog(catalog, block_rows=3)
     # The same id with the same file but other photometry is a conflict too.
-    catalog = _write(fmt, tmp_path / "photometry", {
+    catalog = write_catalog(fmt, tmp_path / "photometry", {
         "path": ["a.fits", "b.fits", "c.fits", "a.fits"], "spectrum_id": ["s1", "s2", "s3", "s1"],
         "k_mag": [9.0, 9.0, 9.0, 9.5],
     })
@@ -286,13 +260,13 @@ def test_a_conflict_across_blocks_names_both_rows(tmp_path: Path, fmt: str):
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "fits"])
 def test_errors_name_the_row_and_the_column(tmp_path: Path, fmt: str):
-    catalog = _write(fmt, tmp_path / "text", {
+    catalog = write_catalog(fmt, tmp_path / "text", {
         "path": [f"apStar-{i}.fits" for i in range(1, 7)],
         "K": ["9.1", "9.2", "9.3", "9.4", "bright", "9.6"],
     })
     with pytest.raises(CatalogError, match=r"row 5, column 'K' is not numeric: .?'bright'"):
         read_catalog(catalog)
-    catalog = _write(fmt, tmp_path / "nopath", {
+    catalog = write_catalog(fmt, tmp_path / "nopath", {
         "path": ["apStar-1.fits", "apStar-2.fits", "apStar-3.fits", None, "apStar-5.fits"],
         "K": [9.0, 9.0, 9.0, 9.0, 9.0],
     })
@@ -306,11 +280,11 @@ def test_hash_collisions_are_told_apart(tmp_path: Path, monkeypatch):
     import astronn_dist.producer.catalog as catalog_module
 
     monkeypatch.setattr(catalog_module, "_hashes", lambda texts: np.zeros(len(texts), dtype=np.uint64))
-    catalog = _write("csv", tmp_path / "same", {
+    catalog = write_catalog("csv", tmp_path / "same", {
         "path": ["a.fits", "b.fits", "a.fits", "c.fits"], "spectrum_id": ["s1", "s2", "s1", "s3"],
     })
     assert [r.spectrum_id for r in _flat(iter_catalog(catalog, block_rows=2))] == ["s1", "s2", "s3"]
-    catalog = _write("csv", tmp_path / "clash", {
+    catalog = write_catalog("csv", tmp_path / "clash", {
         "path": ["a.fits", "b.fits", "c.fits"], "spectrum_id": ["s1", "s2", "s1"],
     })
     with pytest.raises(CatalogError, match="'s1' is used by rows 1 and 3"):

@@ -5,31 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from astropy.table import MaskedColumn, Table
 
+from _catalogs import write_catalog  # tests/ is on sys.path
 from astronn_dist.worker.tables import CatalogError, float_values, match_columns, open_table, text_values
 
 ALIASES = {"path": ("path",), "mag": ("mag", "kmag"), "err": ("err",)}
 
 
 def _catalogs(tmp_path: Path) -> list[Path]:
-    """One table (a text column with an empty cell, a float column with a missing cell) as CSV,
-    Parquet and FITS."""
-    paths = ["a.fits", "", "c.fits", "d.fits", "e.fits"]
-    mags = [9.5, None, 10.25, -0.0, 12.0]
-    csv = tmp_path / "t.csv"
-    csv.write_text("Path,KMAG,other\n" + "".join(f"{p},{'' if m is None else m},x\n" for p, m in zip(paths, mags)))
-    parquet = tmp_path / "t.parquet"
-    pq.write_table(pa.table({"Path": pa.array([p or None for p in paths]), "KMAG": pa.array(mags, pa.float64())}), parquet)
-    fits = tmp_path / "t.fits"
-    table = Table()
-    table["Path"] = np.array([p.encode() for p in paths], dtype="S16")
-    table["KMAG"] = MaskedColumn([np.nan if m is None else m for m in mags], mask=[m is None for m in mags])
-    table.write(fits)
-    return [csv, parquet, fits]
+    """One table (a text column with an empty cell, a float column with a missing cell, a column
+    nobody reads) as CSV, Parquet and FITS."""
+    columns = {"Path": ["a.fits", None, "c.fits", "d.fits", "e.fits"],
+               "KMAG": [9.5, None, 10.25, -0.0, 12.0], "other": ["x"] * 5}
+    return [write_catalog(fmt, tmp_path / "t", columns) for fmt in ("csv", "parquet", "fits")]
 
 
 def test_every_format_reads_the_same_values_in_any_blocks(tmp_path: Path):
