@@ -67,6 +67,7 @@ from astronn_dist.worker.config import (
     QUEUE,
     Settings,
 )
+from astronn_dist.worker.contract import UNACKED_KEY
 from astronn_dist.worker.devices import MAX_CPU_PROCESSES, MAX_PROCESSES_PER_GPU
 
 if TYPE_CHECKING:
@@ -756,7 +757,7 @@ def status(
     client = redis_client(settings)
     try:
         waiting = client.llen(QUEUE)
-        in_flight = client.hlen("unacked")  # kombu's ack emulation: delivered, not yet acked
+        in_flight = client.hlen(UNACKED_KEY)  # kombu's ack emulation: delivered, not yet acked
     except redis.exceptions.RedisError as exc:
         raise BrokerError(f"cannot reach the broker at {mask_url(settings.broker_url)}: {exc}") from exc
     finally:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from astronn_dist.worker.config import QUEUE, TASK_NAME, Settings
-from astronn_dist.worker.contract import SpectrumRequest
+from astronn_dist.worker.contract import UNACKED_KEY, SpectrumRequest
 from astronn_dist.worker.service.messages import MAX_CHUNK, make_message
 
 if TYPE_CHECKING:
@@ -159,7 +159,7 @@ def queued_spectrum_ids(client: redis.Redis, page: int = 1000) -> set[str]:
     for start in range(0, length, page):
         for raw in client.lrange(QUEUE, start, start + page - 1):
             _add_ids(ids, json.loads(raw))
-    for raw in client.hvals("unacked"):
+    for raw in client.hvals(UNACKED_KEY):
         delivered = json.loads(raw)  # [message, exchange, routing_key]
         if isinstance(delivered, list) and delivered:
             _add_ids(ids, delivered[0])

@@ -135,7 +135,7 @@ def test_the_queue_gauges_read_the_broker_at_each_scrape(redis_url: str) -> None
     they are now; an unreachable broker gives broker_up 0 and no queue samples, not an error."""
     import redis
 
-    from astronn_dist.worker.contract import QUEUE
+    from astronn_dist.worker.contract import QUEUE, UNACKED_KEY
     from astronn_dist.worker.service.metrics import QueueCollector
 
     def samples(collector: QueueCollector) -> dict[tuple[str, tuple], float]:
@@ -144,7 +144,7 @@ def test_the_queue_gauges_read_the_broker_at_each_scrape(redis_url: str) -> None
 
     client = redis.Redis.from_url(redis_url)
     client.rpush(QUEUE, "a", "b", "c")
-    client.hset("unacked", "tag", "x")
+    client.hset(UNACKED_KEY, "tag", "x")
     collector = QueueCollector(redis_url)
     assert samples(collector) == {("astronn_dist_broker_up", ()): 1,
                                   ("astronn_dist_queue_messages", (("state", "waiting"),)): 3,

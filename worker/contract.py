@@ -59,6 +59,8 @@ BAD_MASK = FLAG_FAKEMAG_UNRELIABLE | FLAG_MISSING_PHOTOMETRY | FLAG_NO_RESULT
 QUEUE = "astronn_dist"
 TASK_NAME = "astronn_dist.process"
 TABLE_NAME = "astro_nn_dist"
+UNACKED_KEY = "unacked"
+"""kombu's Redis hash of messages delivered and not yet acknowledged (its default ``unacked_key``)."""
 
 # -- limits of a message ----------------------------------------------------------------------
 

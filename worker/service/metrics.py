@@ -49,7 +49,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from astronn_dist.worker.config import DEFAULT_METRICS_ADDR, metrics_address
-from astronn_dist.worker.contract import QUEUE
+from astronn_dist.worker.contract import QUEUE, UNACKED_KEY
 from astronn_dist.worker.service.results import FLAG_COUNTS
 
 if TYPE_CHECKING:
@@ -164,7 +164,7 @@ class QueueCollector:
         up, queue = self._families()
         try:
             with self._client.pipeline(transaction=False) as pipe:
-                waiting, in_flight = pipe.llen(QUEUE).hlen("unacked").execute()
+                waiting, in_flight = pipe.llen(QUEUE).hlen(UNACKED_KEY).execute()
         except redis.exceptions.RedisError as exc:
             log.debug("queue length not read: %s", exc)
             up.add_metric([], 0)
