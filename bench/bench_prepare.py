@@ -11,8 +11,8 @@ Readers, each giving row 0 of HDU1-3 and the primary header's K:
   * read_apstar: astronn_dist.worker.science.fastfits for plain well-formed files, the astropy path for the rest;
   * numpy, whole file: ``np.fromfile`` of all its bytes (what the I/O alone costs).
 Files: the two real DR17 files and ``--files`` synthetic ones (astronn_dist.worker.modeling.synth, 1-3 visits), page
-cache warm. "prepare" = read_apstar + normalize + conv1 for batches of 32, the work a preparing
-process does before the MC passes.
+cache warm. "prepare" = read_apstar + normalize_spectra + conv1 for batches of 32, the work a
+preparing process does before the MC passes.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from astropy.io import fits
 from bench.table import Row, print_rows
 from astronn_dist.worker.science import spectra
 from astronn_dist.worker.modeling import synth
-from astronn_dist.worker.science.continuum import normalize
+from astronn_dist.worker.science.pipeline import normalize_spectra
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "apstar"
 
@@ -128,13 +128,11 @@ def run(n_files: int = 200, seconds: float = 3.0) -> list[Row]:
             def prepare() -> int:
                 for start in range(0, len(files), 32):
                     part = [spectra.read_apstar(p) for p in files[start:start + 32]]
-                    norm, _ = normalize(np.stack([s.flux for s in part]), np.stack([s.err for s in part]),
-                                        np.stack([s.bitmask for s in part]))
-                    conv1(norm)
+                    conv1(normalize_spectra(part))  # as the worker's pipeline does
                 return len(files)
 
             done, took = _rate(prepare, seconds)
-            rows.append(Row("prepare", "read_apstar + normalize + conv1", f"{label}, batches of 32, 1 core",
+            rows.append(Row("prepare", "read_apstar + normalize_spectra + conv1", f"{label}, batches of 32, 1 core",
                             done, took, f"{done / took / plain:.1f}x astropy plain" if plain else ""))
     return rows
 

@@ -26,7 +26,9 @@ from astronn_dist.worker.science.continuum import (
     N_NORMALIZED,
     N_PIXELS,
     continuum_mask,
+    continuum_pixels,
     normalize,
+    normalize_flux,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -285,6 +287,25 @@ def test_batched_equals_per_spectrum_calls(cases: dict) -> None:
         assert single.shape == single_err.shape == (N_NORMALIZED,)
         np.testing.assert_array_equal(single, ours[i], err_msg=names[i])
         np.testing.assert_array_equal(single_err, ours_err[i], err_msg=names[i])
+
+
+def test_flux_alone_from_continuum_errors_is_bit_identical(cases: dict) -> None:
+    """normalize_flux (what the worker calls, with the error at the continuum pixels only)
+    gives normalize's flux bit for bit, in a batch and one spectrum at a time."""
+    names, flux, err, bits = _stack(cases, use_worker_err=True)
+    pixels = continuum_pixels()
+    np.testing.assert_array_equal(pixels, np.concatenate([BLUE_CONT, GREEN_CONT, RED_CONT]))
+    ours = normalize(flux, err, bits)[0]
+    alone = normalize_flux(flux, err[:, pixels], bits)
+    assert alone.view(np.uint64).tobytes() == ours.view(np.uint64).tobytes()
+    for i in (0, len(names) - 1):
+        single = normalize_flux(flux[i], err[i, pixels], bits[i])
+        assert single.shape == (N_NORMALIZED,)
+        assert single.view(np.uint64).tobytes() == ours[i].view(np.uint64).tobytes(), names[i]
+    unmasked = normalize_flux(flux, err[:, pixels], None)
+    assert unmasked.view(np.uint64).tobytes() == normalize(flux, err, None)[0].view(np.uint64).tobytes()
+    with pytest.raises(ValueError, match="continuum_pixels"):
+        normalize_flux(flux, err, bits)  # the whole error row is not what it takes
 
 
 def test_documented_replacements(real_rows: dict) -> None:

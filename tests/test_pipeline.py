@@ -193,18 +193,18 @@ def test_one_normalize_and_one_predict_per_batch(
     monkeypatch: pytest.MonkeyPatch, real: dict[str, str], checkpoint: Path, tmp_path: Path
 ) -> None:
     calls: dict[str, list] = {"normalize": [], "predict": []}
-    real_normalize = pipeline.normalize
+    real_normalize = pipeline.normalize_flux
 
-    def counting_normalize(flux, err, bitmask):  # the real function, counted
+    def counting_normalize(flux, continuum_err, bitmask):  # the real function, counted
         calls["normalize"].append(flux.shape)
-        return real_normalize(flux, err, bitmask)
+        return real_normalize(flux, continuum_err, bitmask)
 
     class CountingPredictor(Predictor):
         def predict(self, norm_flux, spectrum_ids):
             calls["predict"].append((norm_flux.shape, list(spectrum_ids)))
             return super().predict(norm_flux, spectrum_ids)
 
-    monkeypatch.setattr(pipeline, "normalize", counting_normalize)
+    monkeypatch.setattr(pipeline, "normalize_flux", counting_normalize)
     counting = CountingPredictor(load_model(checkpoint), mc_passes=MC_PASSES, seed=0)
     requests = [_req(real[BULGE], "a"), _req(str(tmp_path / "missing.fits"), "b"),
                 _req(real[KEPLER], "c"), _req(real[BULGE], "d")]

@@ -71,6 +71,19 @@ def test_real_file_equals_astropy_row0(apstar_dir: Path, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", [BULGE, KEPLER])
+def test_err_at_pixels_equals_err_there_bit_for_bit(apstar_dir: Path, name: str) -> None:
+    """err_at (what the worker's normalization takes at the continuum pixels) gives err's
+    numbers at any subset of pixels, including the non-finite ones of the chip gaps."""
+    spectrum = read_apstar(apstar_dir / name)
+    _, err_raw, _, _ = _raw_rows(apstar_dir / name)
+    np.testing.assert_array_equal(spectrum.err_file, err_raw.astype(np.float64))
+    rng = np.random.default_rng(5)
+    for pixels in (np.arange(N_PIXELS), np.flatnonzero(~np.isfinite(err_raw)),
+                   np.sort(rng.choice(N_PIXELS, 532, replace=False)), np.array([17]), np.arange(3, 8000, 7)):
+        assert spectrum.err_at(pixels).tobytes() == spectrum.err[pixels].tobytes()
+
+
+@pytest.mark.parametrize("name", [BULGE, KEPLER])
 def test_err_is_ivar_to_the_minus_half_never_nan(apstar_dir: Path, name: str) -> None:
     spectrum = read_apstar(apstar_dir / name)
     _, err_raw, _, _ = _raw_rows(apstar_dir / name)

@@ -130,6 +130,7 @@ class _Chip:
     raw: slice  # the chip on the 8575-pixel grid
     out: slice  # the chip on the 7514-pixel grid
     cont: np.ndarray  # (M,) int: continuum pixels, as indices within the chip
+    fit: slice  # the chip's M continuum pixels within continuum_pixels()' 532
     vander: np.ndarray  # (M, 3): Chebyshev T0..T2 at the continuum pixels (domain-mapped)
     x_eval: np.ndarray  # (L,): every pixel of the chip, mapped to the window [-1, 1]
     rcond: float  # numpy's default for Chebyshev.fit: M * eps
@@ -145,7 +146,7 @@ def _chips() -> tuple[_Chip, ...]:
     """
     mask = continuum_mask()
     chips = []
-    offset = 0
+    offset = fitted = 0
     for start, stop in CHIP_RANGES:
         length = stop - start
         cont = np.flatnonzero(mask[offset : offset + length])
@@ -161,14 +162,28 @@ def _chips() -> tuple[_Chip, ...]:
                 raw=slice(start, stop),
                 out=slice(offset, offset + length),
                 cont=cont,
+                fit=slice(fitted, fitted + len(cont)),
                 vander=chebyshev.chebvander(x_fit, DEGREE),
                 x_eval=off + scl * np.arange(length, dtype=np.float64),
                 rcond=len(cont) * float(np.finfo(np.float64).eps),
             )
         )
         offset += length
+        fitted += len(cont)
     assert offset == N_NORMALIZED
     return tuple(chips)
+
+
+@lru_cache(maxsize=1)
+def continuum_pixels() -> np.ndarray:
+    """The continuum pixels on the 8575-pixel apStar grid, chip after chip: (532,) int, read-only.
+
+    The only pixels whose error the fit reads: :func:`normalize_flux` takes the error there
+    alone (``err[..., continuum_pixels()]``).
+    """
+    pixels = np.concatenate([chip.raw.start + chip.cont for chip in _chips()])
+    pixels.setflags(write=False)
+    return pixels
 
 
 def _fit_chip(flux: np.ndarray, err: np.ndarray, chip: _Chip) -> np.ndarray:
@@ -254,12 +269,56 @@ def normalize(
     """
     flux = np.asarray(flux, dtype=np.float64)
     err = np.asarray(err, dtype=np.float64)
+    _check_flux(flux)
+    if err.shape != flux.shape:
+        raise ValueError(f"err has shape {err.shape}, flux {flux.shape}: they must match")
+    _check_bitmask(flux, bitmask)
+    err2 = err.reshape(-1, N_PIXELS)
+    norm_flux, norm_err = _normalize(flux, err2[:, continuum_pixels()], bitmask, err2)
+    return norm_flux, norm_err  # type: ignore[return-value]
+
+
+def normalize_flux(
+    flux: np.ndarray, continuum_err: np.ndarray, bitmask: np.ndarray | None = None
+) -> np.ndarray:
+    """The normalized flux of :func:`normalize` alone, from the error at the continuum pixels.
+
+    The flux's normalization reads the error only where the continuum is fitted, so a caller
+    that does not need the normalized error (the worker) derives the error at those 532
+    pixels only: the same numbers as ``normalize(flux, err, bitmask)[0]``, bit for bit.
+
+    Args:
+        flux: (N, 8575) or (8575,), as for :func:`normalize`.
+        continuum_err: ``err[..., continuum_pixels()]``: (N, 532) or (532,).
+        bitmask: as for :func:`normalize`.
+
+    Returns:
+        norm_flux, float64, (N, 7514) or (7514,) following the input.
+
+    Raises:
+        ValueError, TypeError: as :func:`normalize`.
+    """
+    flux = np.asarray(flux, dtype=np.float64)
+    continuum_err = np.asarray(continuum_err, dtype=np.float64)
+    _check_flux(flux)
+    n_fit = len(continuum_pixels())
+    if continuum_err.shape != flux.shape[:-1] + (n_fit,):
+        raise ValueError(
+            f"continuum_err has shape {continuum_err.shape}, expected {flux.shape[:-1] + (n_fit,)}"
+            " (err at continuum_pixels())"
+        )
+    _check_bitmask(flux, bitmask)
+    return _normalize(flux, continuum_err.reshape(-1, n_fit), bitmask, None)[0]
+
+
+def _check_flux(flux: np.ndarray) -> None:
     if flux.ndim not in (1, 2) or flux.shape[-1] != N_PIXELS:
         raise ValueError(
             f"flux must have shape (N, {N_PIXELS}) or ({N_PIXELS},), got {flux.shape}"
         )
-    if err.shape != flux.shape:
-        raise ValueError(f"err has shape {err.shape}, flux {flux.shape}: they must match")
+
+
+def _check_bitmask(flux: np.ndarray, bitmask: np.ndarray | None) -> None:
     if bitmask is not None:
         bitmask = np.asarray(bitmask)
         if bitmask.shape != flux.shape:
@@ -271,21 +330,27 @@ def normalize(
                 f"bitmask must have an integer dtype (APOGEE_PIXMASK), got {bitmask.dtype}"
             )
 
+
+def _normalize(
+    flux: np.ndarray, continuum_err: np.ndarray, bitmask: np.ndarray | None,
+    err2: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """normalize's work on checked input: flux (N, 8575) or (8575,), continuum_err (N, 532),
+    err2 (N, 8575) or None (no normalized error wanted)."""
     single = flux.ndim == 1
     flux2 = flux.reshape(-1, N_PIXELS)
-    err2 = err.reshape(-1, N_PIXELS)
     n = flux2.shape[0]
     # int64 so that the mask constant fits whatever integer width the file used
-    bits = None if bitmask is None else bitmask.reshape(-1, N_PIXELS).astype(np.int64, copy=False)
+    bits = None if bitmask is None else np.asarray(bitmask).reshape(-1, N_PIXELS).astype(
+        np.int64, copy=False)
     norm_flux = np.empty((n, N_NORMALIZED))
-    norm_err = np.empty((n, N_NORMALIZED))
+    norm_err = None if err2 is None else np.empty((n, N_NORMALIZED))
 
     # Overflow, 0/0 and x/0 are part of astroNN's semantics (they become 1.0, 0 or inf).
     with np.errstate(all="ignore"):
         for chip in _chips():
             chip_flux = flux2[:, chip.raw]  # (N, L) views
-            chip_err = err2[:, chip.raw]
-            coef = _fit_chip(chip_flux[:, chip.cont], chip_err[:, chip.cont], chip)  # (N, 3)
+            coef = _fit_chip(chip_flux[:, chip.cont], continuum_err[:, chip.fit], chip)  # (N, 3)
             # The element-wise part runs in blocks of rows, so that its temporaries stay in
             # the CPU cache and are reused (whole-batch temporaries are page-faulted afresh).
             scratch = np.empty((min(n, _BLOCK_ROWS), chip.raw.stop - chip.raw.start))
@@ -294,18 +359,20 @@ def normalize(
                 cont = scratch[: rows.stop - rows.start]
                 _chebval2(chip.x_eval, coef[rows], out=cont)
                 out_flux = norm_flux[rows, chip.out]
-                out_err = norm_err[rows, chip.out]
                 np.divide(chip_flux[rows], cont, out=out_flux)
-                np.divide(chip_err[rows], cont, out=out_err)
                 # astroNN's order: negatives (incl. -inf) to 0 first, then NaN/inf to 1.0; the
                 # error stays err / continuum in both cases.
                 np.copyto(out_flux, 0.0, where=out_flux < 0.0)
                 np.copyto(out_flux, MASK_VALUE, where=~np.isfinite(out_flux))
-                if bits is not None:
-                    masked = (bits[rows, chip.raw] & MASKED_BITMASK) != 0
+                masked = None if bits is None else (bits[rows, chip.raw] & MASKED_BITMASK) != 0
+                if masked is not None:
                     np.copyto(out_flux, MASK_VALUE, where=masked)
-                    np.copyto(out_err, MASK_VALUE, where=masked)
+                if norm_err is not None:
+                    out_err = norm_err[rows, chip.out]
+                    np.divide(err2[rows, chip.raw], cont, out=out_err)
+                    if masked is not None:
+                        np.copyto(out_err, MASK_VALUE, where=masked)
 
     if single:
-        return norm_flux[0], norm_err[0]
+        return norm_flux[0], None if norm_err is None else norm_err[0]
     return norm_flux, norm_err

@@ -49,7 +49,7 @@ import numpy as np
 
 from astronn_dist.worker import PIPELINE_VERSION
 from astronn_dist.worker.contract import SpectrumRequest
-from astronn_dist.worker.science.continuum import normalize
+from astronn_dist.worker.science.continuum import continuum_pixels, normalize_flux
 from astronn_dist.worker.science.distance import FLAG_NO_RESULT, compute_distances, flags_summary, validate_photometry
 from astronn_dist.worker.science.spectra import Spectrum, SpectrumError, read_apstar
 
@@ -235,13 +235,23 @@ def _prepare(requests: Sequence[SpectrumRequest], read_threads: int) -> _Prepare
     good = [i for i, item in enumerate(loaded) if isinstance(item, Spectrum)]
     norm_flux = None
     if good:
-        spectra: list[Spectrum] = [loaded[i] for i in good]  # type: ignore[misc]
-        norm_flux, _ = normalize(
-            np.stack([s.flux for s in spectra]),  # (M, 8575)
-            np.stack([s.err for s in spectra]),
-            np.stack([s.bitmask for s in spectra]),
-        )  # (M, 7514)
+        norm_flux = normalize_spectra([loaded[i] for i in good])  # type: ignore[misc]
     return _Prepared(loaded=loaded, good=good, norm_flux=norm_flux)
+
+
+def normalize_spectra(spectra: Sequence[Spectrum]) -> np.ndarray:
+    """The continuum-normalized flux of M spectra: (M, 7514) float64 (M >= 1).
+
+    The normalized error is not made, and each spectrum's error is derived at the continuum
+    pixels only (:meth:`Spectrum.err_at`): the same flux as ``normalize(flux, err, bitmask)``,
+    bit for bit, without two powers over every pixel.
+    """
+    pixels = continuum_pixels()
+    return normalize_flux(
+        np.stack([s.flux for s in spectra]),  # (M, 8575)
+        np.stack([s.err_at(pixels) for s in spectra]),  # (M, 532)
+        np.stack([s.bitmask for s in spectra]),
+    )
 
 
 def _finish(
