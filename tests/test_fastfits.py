@@ -132,6 +132,23 @@ def test_header_values_as_astropy_parses_them(apstar_files: list[Path], tmp_path
     assert (s.k_mag, s.ebv, s.obj_id, s.nvisits, s.snr) == (12.5, 0.5, "OBrien", 7, 42.0)
 
 
+def test_a_keyword_straddling_two_fields_hides_nothing(apstar_files: list[Path], tmp_path: Path) -> None:
+    """'XXXXBLAN' then 'K       ': the bytes 'BLANK   ' straddle the two keyword fields; the K
+    card after them is still found, with astropy's value (a search over the keyword fields
+    that consumed the straddling match would have skipped it)."""
+    raw = bytearray(apstar_files[1].read_bytes())
+    at = next(i for i in range(0, 2880 * 8, 80) if raw[i : i + 8] == b"K       ")
+    before = next(i for i in range(at - 80, 0, -80) if raw[i : i + 8] not in (b"COMMENT ", b"HISTORY ", b"        "))
+    raw[before : before + 80] = b"XXXXBLAN= 'x' / ends with the start of BLANK".ljust(80)
+    raw[at : at + 80] = b"K       =                 12.5 / the card after it".ljust(80)
+    if before + 80 != at:  # make them adjacent: move K right after the straddling card
+        raw[at : at + 80], raw[before + 80 : before + 160] = raw[before + 80 : before + 160], raw[at : at + 80]
+    path = tmp_path / "straddle.fits"
+    path.write_bytes(bytes(raw))
+    assert _check(path)
+    assert read_apstar(path).k_mag == 12.5
+
+
 @pytest.mark.parametrize("card", [
     "k       =                 12.5 / a lower-case keyword (astropy reads it as K)",
     " K      =                 12.5 / shifted by one",

@@ -84,30 +84,58 @@ def _parse(field: bytes) -> Any:
 
 
 @functools.cache
-def _finder(keys: tuple[str, ...]) -> re.Pattern[bytes]:
-    """One pattern for ``keys`` as 8-byte keyword fields: one scan finds them all."""
-    return re.compile(b"|".join(re.escape(k.encode().ljust(8)) for k in keys))
+def _field(key: str) -> bytes:
+    """``key`` as an 8-byte keyword field."""
+    return key.encode().ljust(8)
 
 
-def _cards(header: bytes, keys: tuple[str, ...]) -> dict[str, Any] | None:
+def _names(header: bytes) -> bytes:
+    """The keyword fields alone, 8 bytes a card: a tenth of the text to search."""
+    return np.frombuffer(header, dtype="S80").astype("S8").tobytes()
+
+
+def _aligned_find(names: bytes, field: bytes, start: int) -> int:
+    """The first keyword field equal to ``field`` at or after byte ``start`` of ``names`` (a
+    multiple of 8), or -1; an occurrence straddling two fields does not count."""
+    at = names.find(field, start)
+    while at >= 0 and at % 8:
+        at = names.find(field, at + 1)
+    return at
+
+
+def _cards(header: bytes, keys: tuple[str, ...], names: bytes | None = None
+           ) -> dict[str, Any] | None:
     """The values of ``keys`` found as value cards of ``header`` (up to its END card); None
-    when one of them is written twice, without a value or in a form that does not parse."""
-    # The keyword fields alone, 8 bytes a card: a tenth of the text to scan.
-    names = np.frombuffer(header, dtype="S80").astype("S8").tobytes()
+    when one of them is written twice, without a value or in a form that does not parse.
+    ``names``: :func:`_names` of the header, when the caller has it."""
+    if names is None:
+        names = _names(header)
     found: dict[str, Any] = {}
-    for match in _finder(keys).finditer(names):
-        at = match.start()
-        if at % 8:
-            continue  # straddles two keyword fields
-        key = match[0].decode().rstrip()
+    # One search per key (bytes.find, in C) rather than one regex over the union of the keys:
+    # 2-3x faster on a DR17 primary header, and a key straddling two fields cannot hide the
+    # aligned field that follows it.
+    for key in keys:
+        field = _field(key)
+        at = _aligned_find(names, field, 0)
+        if at < 0:
+            continue
+        if _aligned_find(names, field, at + 8) >= 0:
+            return None  # written twice: which one counts is astropy's call
         card = at // 8 * CARD
-        if key in found or header[card + 8 : card + 10] != b"= ":
+        if header[card + 8 : card + 10] != b"= ":
             return None
         value = _parse(header[card + 10 : card + CARD])
         if value is None:
             return None
         found[key] = value
     return found
+
+
+def _plain_header(header: bytes, names: bytes) -> bool:
+    """Only ASCII 0x20-0x7E, and every keyword field as the standard writes it (no HIERARCH)."""
+    if header.translate(None, _PRINTABLE):  # a byte outside ASCII 0x20-0x7E
+        return False
+    return _KEYWORD_FIELDS.fullmatch(names) is not None and b"HIERARCH" not in names
 
 
 class _File:
@@ -122,7 +150,8 @@ class _File:
 
     def header(self, offset: int, first: int = BLOCK) -> tuple[bytes, int] | None:
         """The header at ``offset`` (up to and including its END card) and where its data
-        start; None when it is malformed or runs past the end of the file."""
+        start; None when it has no END card or runs past the end of the file. Its bytes and
+        keywords are not checked here (:func:`_plain_header`)."""
         chunk = self.read(offset, min(first, self.size - offset) // BLOCK * BLOCK)
         blocks, searched = ([chunk] if chunk else []), 0
         while blocks:
@@ -132,14 +161,8 @@ class _File:
             end = text.find(_END_CARD, searched)  # only the blocks not searched yet
             while end >= 0 and end % CARD:
                 end = text.find(_END_CARD, end + 1)
-            if end >= 0:
-                header = text[: end + CARD]
-                if header.translate(None, _PRINTABLE):  # a byte outside ASCII 0x20-0x7E
-                    return None
-                names = np.frombuffer(header, dtype="S80").astype("S8").tobytes()
-                if not _KEYWORD_FIELDS.fullmatch(names) or b"HIERARCH" in names:
-                    return None
-                return header, offset + (end // BLOCK + 1) * BLOCK
+            if end >= 0:  # not checked yet: the caller does it (_plain_header)
+                return text[: end + CARD], offset + (end // BLOCK + 1) * BLOCK
             searched = len(text)  # blocks are whole cards: an END card lies in one block
             more = self.read(offset + len(text), BLOCK)
             if more is None:
@@ -173,10 +196,13 @@ def _layout(header: bytes, cards: dict[str, Any] | None, extension: bool
 
 @functools.lru_cache(maxsize=256)
 def _extension_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...]] | None:
-    """:func:`_layout` of an extension header. Cached by its bytes: a survey's HDU1-3 headers
-    come in a handful of variants (they differ by the number of rows), so most files cost a
-    dictionary lookup here instead of a parse."""
-    return _layout(header, _cards(header, _STRUCTURE), extension=True)
+    """:func:`_layout` of an extension header (None also when it is not plain). Cached by its
+    bytes: a survey's HDU1-3 headers come in a handful of variants (they differ by the number
+    of rows), so most files cost a dictionary lookup here instead of a check and a parse."""
+    names = _names(header)
+    if not _plain_header(header, names):
+        return None
+    return _layout(header, _cards(header, _STRUCTURE, names), extension=True)
 
 
 def _row0(f: _File, layout: tuple[np.dtype, tuple[int, ...]] | None, data_at: int, n_pixels: int
@@ -213,7 +239,10 @@ def read_rows(path: str, n_pixels: int, keys: tuple[str, ...]
         if primary is None:
             return None
         header, data_at = primary
-        cards = _cards(header, keys + _STRUCTURE)  # one scan for the values and the layout
+        names = _names(header)
+        if not _plain_header(header, names):
+            return None
+        cards = _cards(header, keys + _STRUCTURE, names)  # the values and the layout
         layout = _layout(header, cards, extension=False)
         if cards is None or layout is None:
             return None
