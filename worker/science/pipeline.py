@@ -170,14 +170,16 @@ def _read_all(paths: Sequence[str], threads: int) -> list[Spectrum | SpectrumErr
         return list(pool.map(_read, paths))
 
 
-def _choose(request_value: float | None, header_value: float | None, *, is_k: bool) -> float:
-    """The request's photometry if present and valid, else the header's, else NaN (missing)."""
-    req = np.nan if request_value is None else float(request_value)
-    k_missing, ebv_missing = validate_photometry([req if is_k else 0.0], [np.nan if is_k else req])
-    missing = bool(k_missing[0]) if is_k else bool(ebv_missing[0])
-    if not missing or header_value is None:
-        return req
-    return float(header_value)
+def _choose(request_values: Sequence[float | None], header_values: Sequence[float | None],
+            *, is_k: bool) -> list[float]:
+    """Per star, the request's photometry if present and valid, else the header's, else NaN
+    (missing). One validation for the whole part (a call per star cost ~25 us a spectrum)."""
+    req = [_as_sent(value) for value in request_values]
+    other = [0.0 if is_k else np.nan] * len(req)  # the value of the other band, not looked at
+    k_missing, ebv_missing = validate_photometry(req, other) if is_k else validate_photometry(other, req)
+    missing = k_missing if is_k else ebv_missing
+    return [r if not m or h is None else float(h)
+            for r, m, h in zip(req, missing.tolist(), header_values)]
 
 
 def process_batch(
@@ -265,8 +267,8 @@ def _finish(
     if good:
         spectra: list[Spectrum] = [loaded[i] for i in good]  # type: ignore[misc]
         prediction = predictor.predict(prepared.norm_flux, [requests[i].spectrum_id for i in good])
-        k_mag = [_choose(requests[i].k_mag, s.k_mag, is_k=True) for i, s in zip(good, spectra)]
-        ebv = [_choose(requests[i].ebv, s.ebv, is_k=False) for i, s in zip(good, spectra)]
+        k_mag = _choose([requests[i].k_mag for i in good], [s.k_mag for s in spectra], is_k=True)
+        ebv = _choose([requests[i].ebv for i in good], [s.ebv for s in spectra], is_k=False)
         fakemag = np.asarray(prediction.fakemag, dtype=np.float64)
         fakemag_err = np.asarray(prediction.fakemag_err, dtype=np.float64)
         dist = compute_distances(fakemag, fakemag_err, k_mag, ebv)
