@@ -8,6 +8,7 @@ Carlo noise; the tests below say how much noise and why.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -373,3 +374,29 @@ def test_numbers_do_not_depend_on_the_batch_nor_the_threads(model, flux, passes:
         torch.set_num_threads(threads_before)
     for other in seen[1:]:
         np.testing.assert_array_equal(other, seen[0])
+
+
+def test_first_layer_from_another_thread_gives_the_same_bits(model, flux):
+    """The pipeline computes the first layer (conv1) in its preparing thread, under that
+    thread's torch settings: element-wise work, so the same bits as the flux given directly,
+    whatever the torch thread count there."""
+    ids = [f"s{i}" for i in range(8)]
+    pred = Predictor(model, mc_passes=4, seed=5, threads=2)
+    threads_before = torch.get_num_threads()
+    try:
+        direct = pred.sample(flux[:8], ids)
+        for torch_threads in (1, 2):
+            torch.set_num_threads(torch_threads)
+            with ThreadPoolExecutor(1) as other:
+                first = other.submit(pred.first_layer, flux[:8]).result()
+            assert len(first) == 8
+            got = pred.sample(first, ids)
+            for a, b in zip(got, direct):
+                assert a.tobytes() == b.tobytes()
+    finally:
+        torch.set_num_threads(threads_before)
+        pred.close()
+    with pytest.raises(ValueError, match="expected"):
+        pred.first_layer(flux[:2, :7000])
+    with pytest.raises(ValueError, match="spectrum_ids"):
+        pred.sample(pred.first_layer(flux[:2]), ["a"])

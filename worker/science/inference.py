@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from astronn_dist.worker.config import DEFAULT_MC_PASSES, DEFAULT_SEED
 from astronn_dist.worker.science.model import ApogeeDistBCNN, LoadedModel
 
-__all__ = ["spectrum_seed", "Prediction", "Predictor", "MaskLayout", "Schedule"]
+__all__ = ["spectrum_seed", "Prediction", "FirstLayer", "Predictor", "MaskLayout", "Schedule"]
 
 RANDOM_LEVELS = 1 << 16  # masks use 16-bit random integers
 BLOCK = 8  # output positions per conv2 block (the Toeplitz product's width / 4 channels)
@@ -92,6 +92,17 @@ class Prediction:
 
     fakemag: np.ndarray
     fakemag_err: np.ndarray
+
+
+@dataclass(frozen=True)
+class FirstLayer:
+    """:meth:`Predictor.first_layer` of N spectra: conv1's ReLU output in the padded
+    channel-last layout, (N, 7520 * 2) float32 on the predictor's device."""
+
+    conv1_out: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.conv1_out.shape[0])
 
 
 @dataclass(frozen=True)
@@ -385,13 +396,15 @@ class Predictor:
         return {"model_id": self.model_id, "mc_passes": self.mc_passes, "seed": self.seed,
                 "device": self.device.type, "mask_rng": self.mask_rng}
 
-    def predict(self, norm_flux: np.ndarray, spectrum_ids: Sequence[str]) -> Prediction:
+    def predict(self, norm_flux: np.ndarray | FirstLayer, spectrum_ids: Sequence[str]
+                ) -> Prediction:
         """fakemag and fakemag_err of each spectrum.
 
         Parameters
         ----------
         norm_flux
-            Continuum-normalized flux, (N, 7514) (from :func:`astronn_dist.worker.science.continuum.normalize`).
+            Continuum-normalized flux, (N, 7514) (from :func:`astronn_dist.worker.science.continuum.normalize`),
+            or its :meth:`first_layer` (computed beforehand, e.g. in a preparing thread).
         spectrum_ids
             N identities; with the global seed they fix each spectrum's dropout masks.
         """
@@ -405,11 +418,17 @@ class Predictor:
             fakemag_err=np.sqrt(np.exp(mean_log_var) + var) * std,
         )
 
-    def sample(self, norm_flux: np.ndarray, spectrum_ids: Sequence[str]
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """Every MC pass: (out, log_var), each (N, mc_passes) float32, in label-std units.
+    def first_layer(self, norm_flux: np.ndarray) -> FirstLayer:
+        """The deterministic start of the network (input mean, conv1, ReLU), the same for
+        every pass: what :meth:`predict` and :meth:`sample` take instead of the flux.
 
-        ``out`` is the softplus head (fakemag / labels_std), ``log_var`` the log-variance head.
+        Element-wise arithmetic only, so its numbers do not depend on the thread that computes
+        it nor on torch's thread count: the pipeline computes it in its preparing thread, with
+        the reading and normalization (in the predicting thread, its dozen short torch calls
+        each waited for the GIL held by the reading: 3 ms a spectrum on a busy machine).
+
+        Raises:
+            ValueError: norm_flux not (N, 7514) (or (7514,)).
         """
         flux = np.asarray(norm_flux, dtype=np.float64)
         if flux.ndim == 1:
@@ -417,17 +436,30 @@ class Predictor:
         lay = self.layout
         if flux.ndim != 2 or flux.shape[1] != lay.n_pixels:
             raise ValueError(f"norm_flux has shape {flux.shape}, expected (N, {lay.n_pixels})")
+        with torch.inference_mode():
+            return FirstLayer(self._conv1(torch.from_numpy(flux).to(self.device)))
+
+    def sample(self, norm_flux: np.ndarray | FirstLayer, spectrum_ids: Sequence[str]
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Every MC pass: (out, log_var), each (N, mc_passes) float32, in label-std units.
+
+        ``out`` is the softplus head (fakemag / labels_std), ``log_var`` the log-variance head.
+        ``norm_flux``: (N, 7514), or its :meth:`first_layer`.
+        """
+        first = norm_flux if isinstance(norm_flux, FirstLayer) else self.first_layer(norm_flux)
+        conv1_out = first.conv1_out
+        if conv1_out.device != self.device:
+            raise ValueError(f"first layer on {conv1_out.device}, the predictor on {self.device}")
+        n = conv1_out.shape[0]
         ids = [str(s) for s in spectrum_ids]
-        if len(ids) != len(flux):
-            raise ValueError(f"{len(ids)} spectrum_ids for {len(flux)} spectra")
-        out = np.empty((len(flux), self.mc_passes), dtype=np.float32)
+        if len(ids) != n:
+            raise ValueError(f"{len(ids)} spectrum_ids for {n} spectra")
+        out = np.empty((n, self.mc_passes), dtype=np.float32)
         log_var = np.empty_like(out)
-        if len(flux) == 0:
+        if n == 0:
             return out, log_var
         seeds = [spectrum_seed(self.seed, s) for s in ids]
-        with torch.inference_mode():
-            conv1_out = self._conv1(torch.from_numpy(flux).to(self.device))  # (N, 7520 * 2)
-        units = self.schedule.units(len(flux), self.threads)
+        units = self.schedule.units(n, self.threads)
         if self.device.type == "cpu":
             # Always in the worker threads, never the caller's (whose torch threads are its own).
             pool = self._worker_pool()

@@ -1,10 +1,12 @@
 """One batch of spectra -> one result record per spectrum: the function the task layer calls.
 
     requests ──read_apstar (thread pool)──> good spectra ──normalize──> (M, 7514)
+             │                                              ──first_layer──> conv1 (M, 15040)
              │                                              ──predict──> fakemag, err
              └─ SpectrumError ─> no-result record           ──compute_distances──> records
 
-in parts of PART_SPECTRA: the next part is read and normalized while this one is predicted.
+in parts of PART_SPECTRA: the next part is read, normalized and put through the network's
+deterministic first layer while this one is predicted.
 
 Photometry: the request's value (from the catalog / message) first; where it is missing (None,
 non-finite, or outside the validity window of :mod:`astronn_dist.worker.science.distance`, e.g. APOGEE's -9999.99),
@@ -54,7 +56,7 @@ from astronn_dist.worker.science.distance import FLAG_NO_RESULT, compute_distanc
 from astronn_dist.worker.science.spectra import Spectrum, SpectrumError, read_apstar
 
 if TYPE_CHECKING:  # the pipeline itself never needs torch; the predictor brings it
-    from astronn_dist.worker.science.inference import Predictor
+    from astronn_dist.worker.science.inference import FirstLayer, Predictor
 
 READ_THREADS = 1
 """Threads reading apStar files within a part. Measured on the 2-core development machine
@@ -210,11 +212,11 @@ def process_batch(
     parts = [requests[i : i + size] for i in range(0, len(requests), size)]
     records: list[ResultRecord] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="astronn-read") as ahead:
-        future = ahead.submit(_prepare, parts[0], read_threads) if parts else None
+        future = ahead.submit(_prepare, parts[0], predictor, read_threads) if parts else None
         for k, part in enumerate(parts):
             prepared = future.result()  # re-raises a transient read error of this part
             if k + 1 < len(parts):
-                future = ahead.submit(_prepare, parts[k + 1], read_threads)
+                future = ahead.submit(_prepare, parts[k + 1], predictor, read_threads)
             records += _finish(part, prepared, predictor)
     per_spectrum = (time.perf_counter() - t0) / max(len(requests), 1)
     for record in records:
@@ -224,21 +226,24 @@ def process_batch(
 
 @dataclass
 class _Prepared:
-    """A part read and normalized: each request's Spectrum or SpectrumError, and the
-    normalized flux (M, 7514) of the M good ones."""
+    """A part read and prepared: each request's Spectrum or SpectrumError, and the network's
+    first layer (Predictor.first_layer of the normalized flux) of the M good ones."""
 
     loaded: list[Spectrum | SpectrumError]
     good: list[int]
-    norm_flux: np.ndarray | None
+    first: FirstLayer | None
 
 
-def _prepare(requests: Sequence[SpectrumRequest], read_threads: int) -> _Prepared:
+def _prepare(requests: Sequence[SpectrumRequest], predictor: Predictor, read_threads: int
+             ) -> _Prepared:
+    """Read, normalize and run the first layer, in the preparing thread: its torch calls then
+    do not wait for the GIL held by the reading (they did in the predicting thread)."""
     loaded = _read_all([r.path for r in requests], read_threads)
     good = [i for i, item in enumerate(loaded) if isinstance(item, Spectrum)]
-    norm_flux = None
+    first = None
     if good:
-        norm_flux = normalize_spectra([loaded[i] for i in good])  # type: ignore[misc]
-    return _Prepared(loaded=loaded, good=good, norm_flux=norm_flux)
+        first = predictor.first_layer(normalize_spectra([loaded[i] for i in good]))  # type: ignore[misc]
+    return _Prepared(loaded=loaded, good=good, first=first)
 
 
 def normalize_spectra(spectra: Sequence[Spectrum]) -> np.ndarray:
@@ -266,7 +271,7 @@ def _finish(
 
     if good:
         spectra: list[Spectrum] = [loaded[i] for i in good]  # type: ignore[misc]
-        prediction = predictor.predict(prepared.norm_flux, [requests[i].spectrum_id for i in good])
+        prediction = predictor.predict(prepared.first, [requests[i].spectrum_id for i in good])
         k_mag = _choose([requests[i].k_mag for i in good], [s.k_mag for s in spectra], is_k=True)
         ebv = _choose([requests[i].ebv for i in good], [s.ebv for s in spectra], is_k=False)
         fakemag = np.asarray(prediction.fakemag, dtype=np.float64)
