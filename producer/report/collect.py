@@ -187,9 +187,11 @@ def _add_rows(data: ReportData, c: dict[str, Any]) -> None:
     for bit, name in FLAG_NAMES.items():
         data.flags[name] += int(c[name].sum())
     data.fakemag.add(c["L_fakemag"][~failed])
-    data.dist.add(c["dist"][~failed])
+    # Without Ks the stored distance was computed from Ks = 0 (flagged): left out.
+    with_ks = ~failed & ((flags & FLAG_MISSING_PHOTOMETRY) == 0)
+    data.dist.add(c["dist"][with_ks])
     with np.errstate(all="ignore"):
-        data.frac_err.add((c["dist_err"] / c["dist"])[~failed])
+        data.frac_err.add((c["dist_err"] / c["dist"])[with_ks])
     seconds = c["created"].astype("datetime64[us]").astype(np.int64) / 1e6
     data.rate.add(seconds, c["host"], c["t_elapsed"])
 

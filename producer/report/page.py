@@ -3,6 +3,7 @@ script, no link to anything outside the file (it opens offline)."""
 
 from __future__ import annotations
 
+import re
 from html import escape
 
 import numpy as np
@@ -31,9 +32,17 @@ def _img(data: str, alt: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{escape(alt)}">'
 
 
+NUMBER = re.compile(r"^[-+]?[\d,]*\.?\d+$|^n/a$")
+
+
+def _cell(text: str) -> str:
+    """A table cell: numbers right-aligned (class n), text left."""
+    return f'<td class="n">{escape(text)}</td>' if NUMBER.match(text) else f"<td>{escape(text)}</td>"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f'<td class="n">{escape(c)}</td>' for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -47,7 +56,8 @@ STATS_HEADER = ["bin", "rows", "1-sigma coverage", "median offset", "median z", 
 
 def _comparison(c: Comparison) -> str:
     overall = c.by_snr.overall()
-    parts = [f"<h2>{escape(c.name)}</h2>",
+    anchor = re.sub(r"[^a-z0-9]+", "-", c.name.lower()).strip("-")
+    parts = [f'<h2 id="{anchor}">{escape(c.name)}</h2>',
              f'<p class="note">offset = {escape(c.offset_definition)}; z = {escape(c.z_definition)}; '
              f"1-sigma coverage = share of rows with |z| &le; 1 (honest errors: {ONE_SIGMA:.3f}). "
              f"{c.no_reference:,} matched rows have no reference or no result and are left out.</p>",
@@ -87,8 +97,9 @@ def render(data: ReportData) -> str:
     parts.append("<h2>Distributions</h2>")
     parts.append('<div class="figs">'
                  + _img(plots.histogram(data.fakemag, "fakemag", "fakemag (rows with a result)"), "fakemag")
-                 + _img(plots.histogram(data.dist, "distance [pc]", "distance"), "distance")
-                 + _img(plots.histogram(data.frac_err, "dist_err / dist", "fractional distance error"), "frac err")
+                 + _img(plots.histogram(data.dist, "distance [pc]", "distance (rows with a result and Ks)"), "distance")
+                 + _img(plots.histogram(data.frac_err, "dist_err / dist", "fractional distance error (rows with a result and Ks)"),
+                        "frac err")
                  + "</div>")
     if data.snr_frac_err is not None:
         parts.append('<p class="note">S/N: the catalog\'s <code>snr</code> column (the results table holds no S/N).</p>')
