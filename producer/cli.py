@@ -906,6 +906,9 @@ def report(
     console.print(f"wrote {out}: {data.rows} rows of model {which} in {time.perf_counter() - t0:.1f} s", soft_wrap=True)
     for comparison in data.comparisons:
         overall = comparison.by_snr.overall()
+        if not overall.n:
+            console.print(f"{comparison.name}: no row of the catalog has both a result and a reference", soft_wrap=True)
+            continue
         console.print(f"{comparison.name}: {overall.n} rows, 1-sigma coverage {overall.coverage:.4f}, "
                       f"median offset {overall.median_offset:+.4f}", soft_wrap=True)
     if data.compare is not None:

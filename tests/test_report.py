@@ -208,8 +208,15 @@ def test_gaia_parallaxes_at_scale_on_postgresql(postgres_url: str, tmp_path: Pat
     catalog = write_catalog("parquet", tmp_path / "gaia", {
         "spectrum_id": [r["spectrum_id"] for r in rows], "PLX": plx.tolist(), "e_plx": plx_err.tolist(),
         "SNR": snr.tolist()})
-    data = collect(engine, "gaia-test", catalog=catalog)
+    # a second model on 1,000 of the spectra: compared while the first model's rows stream
+    # (PostgreSQL: a server-side cursor with lookups between its fetches)
+    second = [{**r, "model_id": "second", "L_fakemag": r["L_fakemag"] * 1.1} for r in rows[::35]]
+    upsert_results(engine, second)
+    data = collect(engine, "gaia-test", catalog=catalog, compare="second")
     engine.dispose()
+    assert data.compare is not None
+    assert (data.compare.common, data.compare.only_this, data.compare.only_other) == (1000, n - 1000, 0)
+    assert data.compare.mean == pytest.approx(0.1, abs=1e-9) and data.compare.std < 1e-9
     (gaia,) = data.comparisons
     ref = plx * 10 ** (0.2 * mag)
     ref_err = np.abs(plx_err / plx * ref)

@@ -82,8 +82,10 @@ class ModelComparison:
     only_other: int = 0
     n: int = 0
     """Pairs with both fakemags finite (the statistics below)."""
-    sum: float = 0.0
-    sum_sq: float = 0.0
+    mean: float = float("nan")
+    """Mean of the fractional differences (exact)."""
+    m2: float = 0.0
+    """Sum of squared deviations from the mean, merged per block (Chan et al.): no cancellation."""
     inside: int = 0
     diff_hist: Histogram = field(default_factory=lambda: Histogram(np.linspace(-0.5, 0.5, 51)))
     sample: Reservoir = field(default_factory=lambda: Reservoir(width=4))
@@ -94,23 +96,25 @@ class ModelComparison:
             diff = (b - a) / a
             z = (b - a) / np.hypot(a_err, b_err)
         ok = np.isfinite(diff) & np.isfinite(z)
-        self.n += int(ok.sum())
-        self.sum += float(diff[ok].sum())
-        self.sum_sq += float((diff[ok] ** 2).sum())
+        values = diff[ok]
+        if len(values):
+            mean, m2 = float(values.mean()), float(((values - values.mean()) ** 2).sum())
+            if self.n:
+                total = self.n + len(values)
+                delta = mean - self.mean
+                self.m2 += m2 + delta**2 * self.n * len(values) / total
+                self.mean += delta * len(values) / total
+            else:
+                self.mean, self.m2 = mean, m2
+            self.n += len(values)
         self.inside += int((np.abs(z[ok]) <= 1.0).sum())
         self.diff_hist.add(diff[ok])
         self.sample.add(a[ok], b[ok], diff[ok], z[ok])
 
     @property
-    def mean(self) -> float:
-        return self.sum / self.n if self.n else float("nan")
-
-    @property
     def std(self) -> float:
         """Standard deviation of the fractional differences (exact, population)."""
-        if not self.n:
-            return float("nan")
-        return float(np.sqrt(max(0.0, self.sum_sq / self.n - self.mean**2)))
+        return float(np.sqrt(self.m2 / self.n)) if self.n else float("nan")
 
 
 @dataclass
