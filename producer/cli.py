@@ -791,6 +791,10 @@ def _summary_table(lines: Sequence[dict[str, Any]]) -> Table:
         table.add_row(key, *cells)
     return table
 
+ModelIdOpt = Annotated[
+    Optional[str], typer.Option("--model-id", help="This model's rows, by id (instead of --model's).")
+]
+
 SINCE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S.%f%z"]
 """--since: a date, a time (naive: UTC) or an ISO-8601 time with its offset."""
 
@@ -799,9 +803,7 @@ SINCE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d
 def export(
     out: Annotated[Path, typer.Argument(help="Output file: .fits, .parquet or .csv.")],
     model: ModelOpt = None,
-    model_id: Annotated[
-        Optional[str], typer.Option("--model-id", help="This model's rows, by id (instead of --model's).")
-    ] = None,
+    model_id: ModelIdOpt = None,
     all_models: Annotated[bool, typer.Option("--all-models", help="Every model's rows.")] = False,
     good: Annotated[bool, typer.Option("--good", help="Only rows not flagged bad.")] = False,
     bad: Annotated[bool, typer.Option("--bad", help="Only rows flagged bad (failed ones included).")] = False,
@@ -860,9 +862,7 @@ def export(
 def report(
     out: Annotated[Path, typer.Argument(help="Output page (.html): self-contained, opens offline.")],
     model: ModelOpt = None,
-    model_id: Annotated[
-        Optional[str], typer.Option("--model-id", help="This model's rows, by id (instead of --model's).")
-    ] = None,
+    model_id: ModelIdOpt = None,
     catalog: Annotated[
         Optional[Path],
         typer.Option("--catalog", help="Catalog with truth (fakemag, dist), Gaia parallax and parallax_error "

@@ -17,10 +17,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from astronn_dist.worker.tables import float_values, match_columns, open_table, text_values, unreadable_is_catalog_error
+from astronn_dist.worker.tables import converted_blocks, float_values, match_columns, open_table, text_values
 
 REPORT_ALIASES: dict[str, tuple[str, ...]] = {
     "spectrum_id": ("spectrum_id",),
@@ -85,6 +86,9 @@ class CatalogBlock:
     spectrum_ids: list[str | None]
     columns: dict[str, np.ndarray]
 
+    def __len__(self) -> int:
+        return len(self.spectrum_ids)
+
 
 class ReportCatalog:
     """A catalog opened for the report: which columns it has, and its blocks.
@@ -109,20 +113,15 @@ class ReportCatalog:
         return all(name in self.found for name in names)
 
     def blocks(self) -> Iterator[CatalogBlock]:
+        yield from converted_blocks(self._source, self.path, self.block_rows, list(self.found.values()), self._block)
+
+    def _block(self, raw: Any, first_row: int) -> CatalogBlock:
         found = self.found
-        first_row = 1
-        raw_blocks = self._source.blocks(self.block_rows, list(found.values()))
-        while True:
-            with unreadable_is_catalog_error(self.path):
-                raw = next(raw_blocks, None)
-                if raw is None:
-                    return
-                ids = text_values(raw[found["spectrum_id"]]) if "spectrum_id" in found else None
-                if "path" in found:
-                    paths = text_values(raw[found["path"]])
-                    ids = paths if ids is None else [i if i is not None else p for i, p in zip(ids, paths)]
-                assert ids is not None
-                columns = {name: float_values(raw[column], column, self.path, first_row)
-                           for name, column in found.items() if name not in ("spectrum_id", "path")}
-            yield CatalogBlock(first_row, ids, columns)
-            first_row += len(ids)
+        ids = text_values(raw[found["spectrum_id"]]) if "spectrum_id" in found else None
+        if "path" in found:
+            paths = text_values(raw[found["path"]])
+            ids = paths if ids is None else [i if i is not None else p for i, p in zip(ids, paths)]
+        assert ids is not None
+        columns = {name: float_values(raw[column], column, self.path, first_row)
+                   for name, column in found.items() if name not in ("spectrum_id", "path")}
+        return CatalogBlock(first_row, ids, columns)
