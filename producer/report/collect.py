@@ -31,7 +31,9 @@ from astronn_dist.producer.report.stream import BinnedStats, Histogram, RateCoun
 from astronn_dist.worker.contract import FLAG_MISSING_PHOTOMETRY, FLAG_NAMES, FLAG_NO_RESULT
 from astronn_dist.worker.service.results import export_blocks, export_stats, export_where, rows_for, snapshot
 
-BLOCK_ROWS = 20_000
+BLOCK_ROWS = 10_000
+"""Rows per block of the table and of the catalog: 10,000 keep the transient objects (a block of
+table rows as Python tuples, a catalog block's looked-up rows) to a few tens of MB."""
 
 SNR_EDGES = (-np.inf, 50.0, 100.0, 150.0, 200.0, 300.0, np.inf)
 """S/N bins of the comparisons (per pixel, as APOGEE's SNR)."""
@@ -202,7 +204,7 @@ def _add_rows(data: ReportData, c: dict[str, Any]) -> None:
 
 def _add_compare(conn: Any, comparison: ModelComparison, c: dict[str, Any]) -> None:
     ids = c["spectrum_id"]
-    others = {r["spectrum_id"]: r for r in rows_for(conn, comparison.other, ids)}
+    others = {r["spectrum_id"]: r for r in rows_for(conn, comparison.other, ids, ["L_fakemag", "L_fakemag_err"])}
     comparison.common += len(others)
     comparison.only_this += len(ids) - len(others)
     if not others:
@@ -240,7 +242,7 @@ def _add_catalog(conn: Any, data: ReportData, catalog: ReportCatalog, model_id: 
     for block in catalog.blocks():
         summary.rows += len(block.spectrum_ids)
         ids = [sid for sid in block.spectrum_ids if sid is not None]
-        found = {r["spectrum_id"]: r for r in rows_for(conn, model_id, ids)}
+        found = {r["spectrum_id"]: r for r in rows_for(conn, model_id, ids, [*ROW_FIELDS, "result_flags"])}
         at = np.array([i for i, sid in enumerate(block.spectrum_ids) if sid in found], dtype=np.int64)
         summary.matched += len(at)
         if not len(at):

@@ -41,7 +41,7 @@ ASTRONN_MAGIC_NUMBER = -9999.0
 """astroNN's default "missing" value (``astroNN.config.MAGIC_NUMBER``): a parallax or magnitude
 equal to it is missing, as in astroNN."""
 
-BLOCK_ROWS = 20_000
+BLOCK_ROWS = 10_000
 """Catalog rows per block (each block's result rows are looked up by index)."""
 
 
