@@ -149,10 +149,6 @@ class ReportData:
     compare: ModelComparison | None = None
 
 
-def _fakemag_pairs(rows: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    return rows["L_fakemag"], rows["L_fakemag_err"]
-
-
 def collect(engine: Any, model_id: str, *, catalog: str | Path | None = None, compare: str | None = None,
             block_rows: int = BLOCK_ROWS) -> ReportData:
     """The report's numbers for ``model_id``'s rows (in one snapshot of the table).
