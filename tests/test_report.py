@@ -183,6 +183,7 @@ def _fake_rows(model_id: str, truth: np.ndarray, ks: np.ndarray, rng: np.random.
     return rows
 
 
+@pytest.mark.service
 def test_gaia_parallaxes_at_scale_on_postgresql(postgres_url: str, tmp_path: Path):
     """35,000 rows (more than a sample holds) against a Parquet catalog with Gaia parallaxes
     under alias names, negative and missing ones included: coverage and counts are exact, the
