@@ -284,7 +284,7 @@ def test_report_command(capsys, survey, tmp_path: Path, monkeypatch):
 
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
                   "--window-size=1400,2400")
 """Headless, and nothing that reaches for the network (the machine has none)."""
 
