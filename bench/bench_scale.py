@@ -16,7 +16,8 @@ few photometry cells NaN or empty; the paths do not exist, ``produce`` never ope
   ``astronn_dist.worker.service.results.upsert_results`` in blocks of 20,000 (in this process: the bulk write path;
   mostly results, some flag bits, some no-result rows, some NaN),
 * ``produce`` of cat.csv and cat.parquet and ``reconcile`` of cat.csv (everything skipped),
-  ``status``, ``export`` to Parquet, FITS and CSV.
+  ``status``, ``export`` to Parquet, FITS and CSV, ``report`` with a catalog of N Gaia
+  parallaxes, S/N, Teff and logg (every row looked up by id).
 
 Each command is its own process (the console script), timed by wall clock from start to exit.
 Peak RSS: ``/usr/bin/time -f %M`` (or, without it, a small Python wrapper reading
@@ -73,6 +74,7 @@ TARGETS = {  # issue 12: peak RSS bound [MB, 10^6 bytes] up to 1 M rows, above; 
     "reconcile": (600, 1000, "target RSS <= 600 MB at 1 M (<= 1 GB at 10 M)"),
     "status": (250, 250, "target RSS <= 250 MB (PostgreSQL: <= 2 s at 10 M)"),
     "export": (400, 400, "target RSS <= 400 MB"),
+    "report": (400, 400, "issue 13: bounded memory (fixed-bin histograms, samples of 20,000), target RSS <= 400 MB"),
 }
 
 
@@ -98,6 +100,34 @@ def make_catalog(folder: Path, n: int) -> tuple[Path, Path]:
     pacsv.write_csv(table, csv)
     pq.write_table(table, parquet)
     return csv, parquet
+
+
+def make_reference(folder: Path, n: int) -> Path:
+    """ref.parquet: what ``report --catalog`` reads for each of the ``n`` ids: Gaia parallax and
+    its error [mas] (some negative, some missing), snr, teff, logg."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(1)
+    parallax = rng.normal(0.5, 0.3, n)
+    parallax[::53] = np.nan
+    path = folder / "ref.parquet"
+    pq.write_table(pa.table({
+        "spectrum_id": [f"2M{i:08d}" for i in range(n)], "parallax": parallax,
+        "parallax_error": np.abs(rng.normal(0.03, 0.01, n)), "snr": rng.uniform(30, 500, n),
+        "teff": rng.uniform(3800, 6500, n), "logg": rng.uniform(0.5, 4.8, n),
+    }), path)
+    return path
+
+
+def reported(expected: int) -> Callable[[str], str]:
+    """A check of report's first line: ``wrote OUT: <expected> rows of model ...``."""
+    def check(out: str) -> str:
+        found = re.search(r"(\d+) rows of model", out)
+        if found is None or int(found.group(1)) != expected:
+            return f"UNEXPECTED: {found.group(0) if found else 'no rows line'}, expected {expected}"
+        return ""
+    return check
 
 
 def fill(url: str, n: int, model_id: str, backend: str) -> Row:
@@ -231,6 +261,10 @@ def backend_rows(backend: str, url: str, n: int, broker: str, work: Path, cat: t
         add(command(f"export {fmt}", ["export", str(out), "--db", url, *force], backend, n, work,
                     check=wrote(n, out)))
         out.unlink(missing_ok=True)
+    page = work / f"report-{backend}.html"
+    add(command("report, with a catalog of parallaxes", ["report", str(page), "--db", url, "--force", "--catalog",
+                str(make_reference(work, n))], backend, n, work, check=reported(n)))
+    page.unlink(missing_ok=True)
     flush()
     return rows
 

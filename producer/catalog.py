@@ -44,11 +44,11 @@ import numpy as np
 from astronn_dist.worker.contract import SpectrumRequest
 from astronn_dist.worker.tables import (
     CatalogError,
+    converted_blocks,
     float_values,
     match_columns,
     open_table,
     text_values,
-    unreadable_is_catalog_error,
 )
 
 __all__ = [
@@ -280,16 +280,8 @@ class CatalogBlocks:
                 "run again once it is complete"
             )
         columns = self._columns
-        first_row = 1
-        raw_blocks = self._source.blocks(self.block_rows, list(columns.values()))
-        while True:
-            with unreadable_is_catalog_error(self.path):
-                raw = next(raw_blocks, None)
-                if raw is None:
-                    return
-                block = _values(raw, columns, self.path, first_row)
-            yield block
-            first_row += len(block)
+        yield from converted_blocks(self._source, self.path, self.block_rows, list(columns.values()),
+                                    lambda raw, first_row: _values(raw, columns, self.path, first_row))
 
     def _check(self) -> tuple[int, np.ndarray]:
         """The first pass: (rows, 0-based indices of the exact repeats to leave out)."""

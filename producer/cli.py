@@ -4,7 +4,7 @@
     astronn-dist produce --catalog stars.csv        enqueue for the workers (skips what is done)
     astronn-dist worker --device auto               serve the queue
     astronn-dist watch /data/apogee                 enqueue new files as they land
-    astronn-dist requeue --failed | status | export OUT | migrate
+    astronn-dist requeue --failed | status | export OUT | report OUT.html | migrate
     astronn-dist synth OUT --n N | train CATALOG --out M.pt | import-model FOLDER --out M.pt
 
 Flags override the ``ASTRONN_DIST_*`` environment variables (:class:`astronn_dist.worker.config.Settings`).
@@ -798,6 +798,10 @@ def _summary_table(lines: Sequence[dict[str, Any]]) -> Table:
         table.add_row(key, *cells)
     return table
 
+ModelIdOpt = Annotated[
+    Optional[str], typer.Option("--model-id", help="This model's rows, by id (instead of --model's).")
+]
+
 SINCE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S.%f%z"]
 """--since: a date, a time (naive: UTC) or an ISO-8601 time with its offset."""
 
@@ -806,9 +810,7 @@ SINCE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d
 def export(
     out: Annotated[Path, typer.Argument(help="Output file: .fits, .parquet or .csv.")],
     model: ModelOpt = None,
-    model_id: Annotated[
-        Optional[str], typer.Option("--model-id", help="This model's rows, by id (instead of --model's).")
-    ] = None,
+    model_id: ModelIdOpt = None,
     all_models: Annotated[bool, typer.Option("--all-models", help="Every model's rows.")] = False,
     good: Annotated[bool, typer.Option("--good", help="Only rows not flagged bad.")] = False,
     bad: Annotated[bool, typer.Option("--bad", help="Only rows flagged bad (failed ones included).")] = False,
@@ -861,6 +863,64 @@ def export(
         engine.dispose()
     which = "every model" if model_ids is None else f"model {model_ids[0]}"
     console.print(f"wrote {report.rows} rows of {which} to {out} in {report.seconds:.1f} s", soft_wrap=True)
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Argument(help="Output page (.html): self-contained, opens offline.")],
+    model: ModelOpt = None,
+    model_id: ModelIdOpt = None,
+    catalog: Annotated[
+        Optional[Path],
+        typer.Option("--catalog", help="Catalog with truth (fakemag, dist), Gaia parallax and parallax_error "
+                     "(mas), snr, teff, logg; matched by spectrum_id (or path)."),
+    ] = None,
+    compare: Annotated[
+        Optional[str], typer.Option("--compare", metavar="MODEL_ID", help="Another model's id: the two on the spectra both have.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    db: DbOpt = None,
+) -> None:
+    """Write an HTML page of a model's results: counts, distributions, residuals.
+
+    Streams the table and the catalog (any size). With --catalog: residuals,
+    z-scores and 1-sigma coverage against truth or Gaia parallaxes, by S/N
+    and Ks, and a Kiel diagram; with --compare: model against model.
+
+    Example:
+      astronn-dist report report.html
+      astronn-dist report report.html --catalog survey/catalog.csv --force
+      astronn-dist report diff.html --model-id new-1a2b3c --compare old-4d5e6f
+    """
+    from astronn_dist.producer.report import ReportError, write_report
+
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise UserError(f"{out}: the report is an HTML page; name it .html")
+    if out.exists() and not force:
+        raise UserError(f"{out} exists; pass --force to replace it")
+    settings = _settings(database_url=db, model_path=model)
+    which = model_id or _model_id(settings)
+    engine = _engine(settings.database_url)
+    if not _has_table(engine):
+        raise UserError(f"no results table in {mask_url(settings.database_url)} (nothing to report)")
+    try:
+        t0 = time.perf_counter()
+        data = write_report(engine, out, which, catalog=catalog, compare=compare, force=force)
+    except ReportError as exc:
+        raise UserError(str(exc)) from None
+    finally:
+        engine.dispose()
+    console.print(f"wrote {out}: {data.rows} rows of model {which} in {time.perf_counter() - t0:.1f} s", soft_wrap=True)
+    for comparison in data.comparisons:
+        overall = comparison.by_snr.overall()
+        if not overall.n:
+            console.print(f"{comparison.name}: no row of the catalog has both a result and a reference", soft_wrap=True)
+            continue
+        console.print(f"{comparison.name}: {overall.n} rows, 1-sigma coverage {overall.coverage:.4f}, "
+                      f"median offset {overall.median_offset:+.4f}", soft_wrap=True)
+    if data.compare is not None:
+        console.print(f"against {compare}: {data.compare.common} spectra in common, "
+                      f"std of the difference {data.compare.std:.4f}", soft_wrap=True)
 
 
 @app.command()

@@ -364,7 +364,7 @@ def _commands() -> dict:
     return typer.main.get_command(app).commands
 
 
-EVERY_COMMAND = ["run", "produce", "reconcile", "worker", "watch", "requeue", "status", "export",
+EVERY_COMMAND = ["run", "produce", "reconcile", "worker", "watch", "requeue", "status", "export", "report",
                  "migrate", "synth", "train", "import-model"]
 
 

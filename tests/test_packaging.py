@@ -74,7 +74,7 @@ def test_nothing_imports_the_folder_names():
     """Every import of our code goes through astronn_dist (a plain ``import worker`` would load a
     second copy of a module from the checkout, or another distribution's ``worker``)."""
     offenders = []
-    for path in [*REPO.glob("worker/**/*.py"), *REPO.glob("producer/*.py"), *REPO.glob("tests/*.py"),
+    for path in [*REPO.glob("worker/**/*.py"), *REPO.glob("producer/**/*.py"), *REPO.glob("tests/*.py"),
                  *REPO.glob("bench/*.py")]:
         for imported in _imports(path):
             if imported.split(".")[0] in ("worker", "producer"):
@@ -84,12 +84,13 @@ def test_nothing_imports_the_folder_names():
 
 def test_outside_the_checkout_only_astronn_dist_is_importable(tmp_path: Path):
     """From another folder, the generic names are not ours to claim, and the producer's commands
-    (produce, status, export) load no torch."""
+    (produce, status, export, report) load no torch."""
     code = (
         "import importlib.util, sys\n"
         "assert importlib.util.find_spec('worker') is None, 'worker is importable'\n"
         "assert importlib.util.find_spec('producer') is None, 'producer is importable'\n"
         "import astronn_dist.producer.cli, astronn_dist.producer.export, astronn_dist.worker.service.results\n"
+        "import astronn_dist.producer.report.page  # report: matplotlib, no torch\n"
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)

@@ -12,16 +12,23 @@ a bad cell. Any file the libraries cannot read becomes one :class:`CatalogError`
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Protocol, TypeVar, Union
 
 import numpy as np
 
 CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2")
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+class _HasLen(Protocol):
+    def __len__(self) -> int: ...
+
+
+_Sized = TypeVar("_Sized", bound=_HasLen)
 
 
 class CatalogError(ValueError):
@@ -206,6 +213,23 @@ def unreadable_is_catalog_error(catalog: Path) -> Iterator[None]:
         raise CatalogError(
             f"{catalog}: cannot read this {_suffix(catalog)} catalog ({type(exc).__name__}: {exc})"
         ) from exc
+
+
+def converted_blocks(source: TableSource, catalog: Path, block_rows: int, columns: Sequence[str],
+                     convert: Callable[[Any, int], _Sized]) -> Iterator[_Sized]:
+    """``convert(raw, first_row)`` of each block of ``columns`` (``first_row``: the block's first
+    data row, 1-based), in order. An error of the file's library while reading or converting a
+    block becomes one CatalogError (:func:`unreadable_is_catalog_error`)."""
+    first_row = 1
+    raw_blocks = source.blocks(block_rows, list(columns))
+    while True:
+        with unreadable_is_catalog_error(catalog):
+            raw = next(raw_blocks, None)
+            if raw is None:
+                return
+            block = convert(raw, first_row)
+        yield block
+        first_row += len(block)
 
 
 def _is_arrow(column: Any) -> bool:

@@ -577,12 +577,15 @@ def has_table(engine: Engine | Connection) -> bool:
         return sa.inspect(conn).has_table(TABLE_NAME)
 
 
-def rows_for(engine: Engine | Connection, model_id: str, spectrum_ids: Sequence[str]) -> list[dict[str, Any]]:
+def rows_for(engine: Engine | Connection, model_id: str, spectrum_ids: Sequence[str],
+             columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """The rows of ``spectrum_ids`` for ``model_id`` as dicts, in the order of the ids (ids
-    without a row are left out)."""
+    without a row are left out); ``columns``: only these (and ``spectrum_id``), else all."""
     rows: dict[str, dict[str, Any]] = {}
+    t = astro_nn_dist
+    wanted = list(t.c) if columns is None else [t.c.spectrum_id, *(t.c[name] for name in columns if name != "spectrum_id")]
     with _reading(engine) as conn:
-        found = _rows_by_id(conn, model_id, list(dict.fromkeys(spectrum_ids)), list(astro_nn_dist.c))
+        found = _rows_by_id(conn, model_id, list(dict.fromkeys(spectrum_ids)), wanted)
         rows.update((r.spectrum_id, dict(r._mapping)) for r in found)
     return [rows[i] for i in spectrum_ids if i in rows]
 
