@@ -168,7 +168,7 @@ def _exported_series() -> dict[str, str]:
     metrics._metrics()  # the worker's metric objects, in this process's default registry
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
     families = [f for f in REGISTRY.collect() if f.name.startswith("astronn_dist_")]
-    families += metrics.QueueCollector("redis://127.0.0.1:1/0").describe()  # reads no broker
+    families += metrics.QueueCollector(Settings(broker_url="redis://127.0.0.1:1/0")).describe()  # reads no broker
     return {f.name + end: f.name for f in families for end in suffixes[f.type]}
 
 
