@@ -48,7 +48,9 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture()
 def cluster(tmp_path: Path):
-    servers = SentinelCluster(tmp_path / "redis", replicas=1, sentinels=3)
+    # A primary is declared down after 2 s without an answer: short enough for a failover in
+    # seconds, long enough that a loaded machine does not fail over before the kill.
+    servers = SentinelCluster(tmp_path / "redis", replicas=1, sentinels=3, down_after_ms=2000)
     try:
         yield servers.start()
     finally:
@@ -109,6 +111,7 @@ def test_primary_killed_mid_stream_fails_over_and_reconcile_loses_nothing(
     wait_for(lambda: len(_row_ids(sqlite_url)) >= half // 4, 300, "the stream under way", worker)
 
     old_port = cluster.primary.port
+    assert cluster.primary_port() == old_port, "the Sentinels failed over before the kill"
     sent = 0
     killed = threading.Event()
     t_kill: list[float] = []
@@ -185,8 +188,8 @@ def test_produce_status_and_reconcile_through_password_protected_sentinels(
     capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """`produce` with a ``sentinel://`` URL (once refused: "'master_name' transport option must
-    be specified") publishes to the primary the Sentinels name; ``status`` and ``reconcile`` read
-    it; the Sentinels' own password comes from ASTRONN_DIST_SENTINEL_PASSWORD, the primary's
+    be specified") publishes to the primary the Sentinels name; ``status``, ``reconcile`` and the
+    metrics' queue gauge read it; the Sentinels' own password comes from ASTRONN_DIST_SENTINEL_PASSWORD, the primary's
     from the URL; a wrong Sentinel password is a clear error."""
     import redis
 
@@ -214,6 +217,15 @@ def test_produce_status_and_reconcile_through_password_protected_sentinels(
         code, out, err = run_cli(capsys, "status", *common[:4])
         assert code == 0, out + err
         assert "5 messages waiting" in " ".join(out.split()), out
+
+        from astronn_dist.worker.service.metrics import QueueCollector
+
+        gauges = {(m.name, tuple(s.labels.items())): s.value
+                  for m in QueueCollector(Settings(broker_url=servers.url(),
+                                                   sentinel_password="sentinel-pw")).collect()
+                  for s in m.samples}
+        assert gauges[("astronn_dist_broker_up", ())] == 1
+        assert gauges[("astronn_dist_queue_messages", (("state", "waiting"),))] == 5
 
         code, out, err = run_cli(capsys, "reconcile", "--catalog", str(catalog), *common)
         assert code == 0, out + err
