@@ -189,8 +189,9 @@ def test_produce_status_and_reconcile_through_password_protected_sentinels(
 ) -> None:
     """`produce` with a ``sentinel://`` URL (once refused: "'master_name' transport option must
     be specified") publishes to the primary the Sentinels name; ``status``, ``reconcile`` and the
-    metrics' queue gauge read it; the Sentinels' own password comes from ASTRONN_DIST_SENTINEL_PASSWORD, the primary's
-    from the URL; a wrong Sentinel password is a clear error."""
+    metrics' queue gauge read it; the Sentinels' own password comes from
+    ASTRONN_DIST_SENTINEL_PASSWORD, the primary's from the URL; a wrong Sentinel password is a
+    clear error."""
     import redis
 
     from _service import run_cli
