@@ -492,7 +492,8 @@ def produce(
       astronn-dist produce --catalog stars.csv --broker redis://host:6379/0
       astronn-dist produce /data/apogee/apstar --chunk-size 256
     """
-    settings = _settings(broker_url=broker, sentinel_master=sentinel_master, database_url=db, model_path=model)
+    settings = _settings(broker_url=broker, sentinel_master=sentinel_master, database_url=db,
+                         model_path=model)
     t0 = time.perf_counter()
     requests = _gather_blocks(paths, catalog)
     t_read = time.perf_counter() - t0
@@ -541,7 +542,8 @@ def reconcile(
     Example:
       astronn-dist reconcile --catalog stars.csv --broker redis://host:6379/0
     """
-    settings = _settings(broker_url=broker, sentinel_master=sentinel_master, database_url=db, model_path=model)
+    settings = _settings(broker_url=broker, sentinel_master=sentinel_master, database_url=db,
+                         model_path=model)
     requests = _gather_blocks(paths, catalog)
     _model_id(settings)
     report = enqueue(
@@ -659,7 +661,8 @@ def watch(
     from astronn_dist.producer.enqueue import Publisher
     from astronn_dist.producer.watch import Watcher, WatchOptions, WatchState
 
-    settings = _settings(broker_url=broker, sentinel_master=sentinel_master, database_url=db, model_path=model)
+    settings = _settings(broker_url=broker, sentinel_master=sentinel_master, database_url=db,
+                         model_path=model)
     model_id = _model_id(settings)
     engine = _engine(settings.database_url)
     if not _has_table(engine):
@@ -721,7 +724,8 @@ def requeue(
     """
     if not (failed or bad or spectrum):
         raise UserError("choose what to requeue: --failed, --bad and/or --spectrum ID")
-    settings = _settings(broker_url=broker, sentinel_master=sentinel_master, database_url=db, model_path=model)
+    settings = _settings(broker_url=broker, sentinel_master=sentinel_master, database_url=db,
+                         model_path=model)
     model_id = _model_id(settings)
     from astronn_dist.worker.service.results import select_for_requeue
 

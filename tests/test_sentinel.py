@@ -20,20 +20,20 @@ what reconcile re-sent).
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from _catalogs import write_catalog
 from _sentinel import SentinelCluster
-from _service import Worker, build_checkpoint, rows, spectra_farm, wait_for, worker_env
+from _service import Worker, build_checkpoint, rows, run_cli, spectra_farm, wait_for, worker_env
 from astronn_dist.worker.config import Settings
 from astronn_dist.worker.contract import QUEUE, UNACKED_KEY, SpectrumRequest
-from astronn_dist.worker.science.distance import FLAG_NO_RESULT
+from test_faults import _all_written, _count_rows, _idle  # the fault tests' end check and idle test
 
 pytestmark = [pytest.mark.service, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -57,13 +57,9 @@ def cluster(tmp_path: Path):
         servers.close()
 
 
-def _row_ids(database_url: str) -> Counter:
-    return Counter(r["spectrum_id"] for r in rows(database_url))
-
-
 def _quiet(settings: Settings, worker: Worker) -> bool:
     """Nothing waiting, nothing delivered and unacknowledged, and every chunk the worker received
-    has ended (Celery's own log lines)."""
+    has ended."""
     from astronn_dist.worker.service.broker import redis_client
 
     client = redis_client(settings, timeout_s=5, connect_timeout_s=5)
@@ -74,10 +70,7 @@ def _quiet(settings: Settings, worker: Worker) -> bool:
         return False
     finally:
         client.close()
-    log = worker.log()
-    received = set(re.findall(r"Task astronn_dist\.process\[([\w-]+)\] received", log))
-    ended = set(re.findall(r"Task astronn_dist\.process\[([\w-]+)\] (?:succeeded|retry|reject)", log))
-    return bool(received) and received <= ended
+    return _idle(worker)
 
 
 def test_primary_killed_mid_stream_fails_over_and_reconcile_loses_nothing(
@@ -86,7 +79,6 @@ def test_primary_killed_mid_stream_fails_over_and_reconcile_loses_nothing(
 ) -> None:
     import redis
 
-    from astronn_dist.producer.cli import main as cli_main
     from astronn_dist.producer.enqueue import enqueue
 
     n, chunk = 2000, 20
@@ -108,7 +100,7 @@ def test_primary_killed_mid_stream_fails_over_and_reconcile_loses_nothing(
     t0 = time.monotonic()
     half = n // 2
     messages = enqueue(requests[:half], settings, chunk_size=chunk, force=True).messages
-    wait_for(lambda: len(_row_ids(sqlite_url)) >= half // 4, 300, "the stream under way", worker)
+    wait_for(lambda: _count_rows(sqlite_url) >= half // 4, 300, "the stream under way", worker)
 
     old_port = cluster.primary.port
     assert cluster.primary_port() == old_port, "the Sentinels failed over before the kill"
@@ -150,30 +142,16 @@ def test_primary_killed_mid_stream_fails_over_and_reconcile_loses_nothing(
 
     # The worker carries on against the new primary; wait until everything it can see is done.
     wait_for(lambda: _quiet(settings, worker), 600, "the queue drained on the new primary", worker)
-    written = _row_ids(sqlite_url)
+    written = {r["spectrum_id"] for r in rows(sqlite_url)}
     missing = set(ids) - set(written)
 
-    code, out = None, ""
-    try:
-        cli_main(["reconcile", "--catalog", str(catalog), "--chunk-size", str(chunk),
-                  "--broker", url, "--db", sqlite_url, "--model", str(checkpoint)])
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr().out
-    assert code in (0, None), out
+    code, out, err = run_cli(capsys, "reconcile", "--catalog", str(catalog), "--chunk-size",
+                             str(chunk), "--broker", url, "--db", sqlite_url, "--model", str(checkpoint))
+    assert code == 0, out + err
     resent = int(re.search(r"enqueued (\d+) in", out).group(1)) if missing else 0
     assert resent == len(missing), out
 
-    wait_for(lambda: len(_row_ids(sqlite_url)) >= n, 600, f"{n} rows", worker)
-    elapsed = time.monotonic() - t0
-    found = rows(sqlite_url)
-    counts = Counter(r["spectrum_id"] for r in found)
-    lost = len(set(ids) - set(counts))
-    duplicated = sum(k - 1 for k in counts.values())
-    assert lost == 0 and duplicated == 0, f"{lost} lost, {duplicated} duplicated"
-    assert set(counts) == set(ids)
-    no_result = [r for r in found if r["result_flags"] & FLAG_NO_RESULT]
-    assert not no_result, f"{len(no_result)} rows without result, e.g. {no_result[0]['error']}"
+    lost, duplicated, elapsed = _all_written(sqlite_url, ids, t0, worker)
     assert worker.proc.poll() is None
     assert new_port == cluster.replicas[0].port
     print(f"\n[sentinel] {n} spectra in {messages} messages, 1 worker, primary + 1 replica + 3 "
@@ -194,13 +172,11 @@ def test_produce_status_and_reconcile_through_password_protected_sentinels(
     clear error."""
     import redis
 
-    from _service import run_cli
-
     servers = SentinelCluster(tmp_path / "redis", password="primary-pw",
                               sentinel_password="sentinel-pw")
     try:
         servers.start()
-        for name in [k for k in __import__("os").environ if k.startswith("ASTRONN_DIST_")]:
+        for name in [k for k in os.environ if k.startswith("ASTRONN_DIST_")]:
             monkeypatch.delenv(name)
         monkeypatch.setenv("ASTRONN_DIST_SENTINEL_PASSWORD", "sentinel-pw")
         entries = spectra_farm(apstar_files, tmp_path / "spectra", 50)
