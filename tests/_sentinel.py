@@ -8,10 +8,13 @@ test ends.
   file as it learns (replicas, other Sentinels, a new primary), so the file is its own, in its
   folder. ``down-after-milliseconds`` and ``failover-timeout`` are small so that a failover
   completes in seconds, not the default half minute.
+* :class:`TlsRedisServer` and :class:`TlsSentinel` answer on TLS ports only, with a self-signed
+  certificate (:func:`self_signed_certificate`, made by ``openssl``).
 """
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -201,3 +204,81 @@ class SentinelCluster:
     def close(self) -> None:
         for server in [*self.sentinels, *self.replicas, self.primary]:
             server.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """(certificate, key) for 127.0.0.1 and localhost, valid a day; the certificate is its own CA."""
+    binary = shutil.which("openssl")
+    if binary is None:
+        raise FileNotFoundError("openssl is not on PATH (apt-get install openssl)")
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [binary, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+def _tls_options(cert: Path, key: Path) -> list[str]:
+    """redis-server options: TLS with this certificate, clients need none of their own."""
+    return ["--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file",
+            str(cert), "--tls-auth-clients", "no"]
+
+
+class TlsRedisServer(RedisServer):
+    """A :class:`RedisServer` that answers on a TLS port only."""
+
+    def __init__(self, folder: Path, cert: Path, key: Path) -> None:
+        self.tls_port = free_port()
+        self.cert = cert
+        super().__init__(folder, extra_args=("--port", "0", "--tls-port", str(self.tls_port),
+                                             *_tls_options(cert, key)))
+
+    def ready(self) -> bool:
+        import redis
+
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited ({self.proc.returncode}): "
+                               + (self.folder / "redis.log").read_text(errors="replace")[-2000:])
+        try:
+            with redis.Redis(host="127.0.0.1", port=self.tls_port, ssl=True,
+                             ssl_ca_certs=str(self.cert), socket_timeout=1) as client:
+                return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+
+class TlsSentinel(SentinelServer):
+    """A Sentinel on a TLS port that reaches the primary over TLS too (``tls-replication``)."""
+
+    def __init__(self, folder: Path, primary_port: int, cert: Path, key: Path) -> None:
+        super().__init__(folder, primary_port, quorum=1)
+        self.cert = cert
+        tls = _tls_options(cert, key)
+        lines = ["port 0", f"tls-port {self.port}", "tls-replication yes"]
+        lines += [f"{tls[i].lstrip('-')} {tls[i + 1]}" for i in range(0, len(tls), 2)]
+        self.config.write_text(self.config.read_text().replace(f"port {self.port}\n", "")
+                               + "\n".join(lines) + "\n")
+
+    def start(self, binary: str, timeout: float = 30.0) -> TlsSentinel:
+        super().start(binary, timeout)
+        _wait(self._knows_primary, timeout, f"TLS sentinel on port {self.port} to reach the primary")
+        return self
+
+    def _knows_primary(self) -> bool:
+        import redis
+
+        try:
+            with redis.Redis(host="127.0.0.1", port=self.port, ssl=True, ssl_ca_certs=str(self.cert),
+                             socket_timeout=1, decode_responses=True) as client:
+                state = client.sentinel_master(MASTER)
+                return state.get("is_disconnected") is False and state.get("is_sdown") is False
+        except redis.RedisError:
+            return False

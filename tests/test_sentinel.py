@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from _catalogs import write_catalog
-from _sentinel import SentinelCluster
+from _sentinel import SentinelCluster, TlsRedisServer, TlsSentinel, self_signed_certificate
 from _service import Worker, build_checkpoint, rows, run_cli, spectra_farm, wait_for, worker_env
 from astronn_dist.worker.config import Settings
 from astronn_dist.worker.contract import QUEUE, UNACKED_KEY, SpectrumRequest
@@ -214,3 +214,44 @@ def test_produce_status_and_reconcile_through_password_protected_sentinels(
         assert "cannot reach the broker" in " ".join((out + err).split()), out + err
     finally:
         servers.close()
+
+
+def test_produce_and_status_through_a_tls_sentinel(
+    tmp_path: Path, checkpoint: Path, apstar_files: list[Path], sqlite_url: str,
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A primary and a Sentinel that speak TLS only: the URL's ``ssl_cert_reqs`` and
+    ``ssl_ca_certs`` reach kombu (the producer's publishes) and redis-py (``status``), for the
+    Sentinel and the primary alike; the same URL without them cannot connect."""
+    import redis
+
+    cert, key = self_signed_certificate(tmp_path / "tls")
+    primary = TlsRedisServer(tmp_path / "primary", cert, key)
+    sentinel = None
+    try:
+        primary.start()
+        sentinel = TlsSentinel(tmp_path / "sentinel", primary.tls_port, cert, key).start(primary.binary)
+        for name in [k for k in os.environ if k.startswith("ASTRONN_DIST_")]:
+            monkeypatch.delenv(name)
+        plain = f"sentinel://127.0.0.1:{sentinel.port}/0"
+        url = f"{plain}?ssl_cert_reqs=required&ssl_ca_certs={cert}"
+        entries = spectra_farm(apstar_files, tmp_path / "spectra", 30)
+        catalog = write_catalog("csv", tmp_path / "catalog", {
+            "spectrum_id": [e["spectrum_id"] for e in entries], "path": [e["path"] for e in entries]})
+
+        code, out, err = run_cli(capsys, "produce", "--catalog", str(catalog), "--chunk-size", "10",
+                                 "--broker", url, "--db", sqlite_url, "--model", str(checkpoint))
+        assert code == 0, out + err
+        with redis.Redis(host="127.0.0.1", port=primary.tls_port, ssl=True, ssl_ca_certs=str(cert)) as client:
+            assert client.llen(QUEUE) == 3
+        code, out, err = run_cli(capsys, "status", "--broker", url, "--db", sqlite_url)
+        assert code == 0, out + err
+        assert "3 messages waiting" in " ".join(out.split()), out
+
+        code, out, err = run_cli(capsys, "status", "--broker", plain, "--db", sqlite_url)
+        assert code == 2, out + err
+        assert "cannot reach the broker" in " ".join((out + err).split()), out + err
+    finally:
+        if sentinel is not None:
+            sentinel.close()
+        primary.close()
