@@ -59,6 +59,7 @@ from astronn_dist.producer.enqueue import (
 )
 from astronn_dist.worker.config import (
     DEFAULT_BROKER_URL,
+    DEFAULT_SENTINEL_MASTER,
     DEFAULT_DATABASE_URL,
     DEFAULT_MC_PASSES,
     DEFAULT_METRICS_ADDR,
@@ -287,7 +288,17 @@ BrokerOpt = Annotated[
     Optional[str],
     typer.Option(
         "--broker", rich_help_panel=SETTINGS_PANEL,
-        help=f"Redis broker URL (env ASTRONN_DIST_BROKER_URL; default {DEFAULT_BROKER_URL}).",
+        help=f"Redis broker URL (env ASTRONN_DIST_BROKER_URL; default {DEFAULT_BROKER_URL}); "
+        "Redis Sentinel: sentinel://HOST:PORT;sentinel://HOST:PORT;...",
+    ),
+]
+SentinelMasterOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--sentinel-master", rich_help_panel=SETTINGS_PANEL,
+        help="With a sentinel:// broker: the name of the monitored primary (env "
+        f"ASTRONN_DIST_SENTINEL_MASTER; default {DEFAULT_SENTINEL_MASTER}). The Sentinels' own "
+        "password: env ASTRONN_DIST_SENTINEL_PASSWORD (or _FILE).",
     ),
 ]
 ModelOpt = Annotated[
@@ -475,6 +486,7 @@ def produce(
     ] = False,
     chunk_size: ChunkOpt = DEFAULT_CHUNK_SIZE,
     broker: BrokerOpt = None,
+    sentinel_master: SentinelMasterOpt = None,
     db: DbOpt = None,
     model: ModelOpt = None,
 ) -> None:
@@ -487,7 +499,8 @@ def produce(
       astronn-dist produce --catalog stars.csv --broker redis://host:6379/0
       astronn-dist produce /data/apogee/apstar --chunk-size 256
     """
-    settings = _settings(broker_url=broker, database_url=db, model_path=model)
+    settings = _settings(broker_url=broker, sentinel_master=sentinel_master, database_url=db,
+                         model_path=model)
     t0 = time.perf_counter()
     requests = _gather_blocks(paths, catalog)
     t_read = time.perf_counter() - t0
@@ -523,6 +536,7 @@ def reconcile(
     catalog: CatalogOpt = None,
     chunk_size: ChunkOpt = DEFAULT_CHUNK_SIZE,
     broker: BrokerOpt = None,
+    sentinel_master: SentinelMasterOpt = None,
     db: DbOpt = None,
     model: ModelOpt = None,
 ) -> None:
@@ -535,7 +549,8 @@ def reconcile(
     Example:
       astronn-dist reconcile --catalog stars.csv --broker redis://host:6379/0
     """
-    settings = _settings(broker_url=broker, database_url=db, model_path=model)
+    settings = _settings(broker_url=broker, sentinel_master=sentinel_master, database_url=db,
+                         model_path=model)
     requests = _gather_blocks(paths, catalog)
     _model_id(settings)
     report = enqueue(
@@ -566,6 +581,7 @@ def worker(
     mc_passes: McPassesOpt = None,
     seed: SeedOpt = None,
     broker: BrokerOpt = None,
+    sentinel_master: SentinelMasterOpt = None,
     db: DbOpt = None,
     metrics_port: Annotated[
         Optional[int],
@@ -601,8 +617,8 @@ def worker(
       astronn-dist worker --device cpu --concurrency 2 --metrics-addr 127.0.0.1
     """
     settings = _settings(
-        broker_url=broker, database_url=db, model_path=model, device=device,
-        mc_passes=mc_passes, seed=seed, metrics_port=metrics_port, metrics_addr=metrics_addr,
+        broker_url=broker, sentinel_master=sentinel_master, database_url=db, model_path=model,
+        device=device, mc_passes=mc_passes, seed=seed, metrics_port=metrics_port, metrics_addr=metrics_addr,
     )
     _model_id(settings)  # fail early, before any process starts
     from astronn_dist.worker.service.serve import run_worker
@@ -636,6 +652,7 @@ def watch(
         float, typer.Option(min=0.0, help="Seconds between checks for lost messages (0: never).")
     ] = 600.0,
     broker: BrokerOpt = None,
+    sentinel_master: SentinelMasterOpt = None,
     db: DbOpt = None,
     model: ModelOpt = None,
 ) -> None:
@@ -651,7 +668,8 @@ def watch(
     from astronn_dist.producer.enqueue import Publisher
     from astronn_dist.producer.watch import Watcher, WatchOptions, WatchState
 
-    settings = _settings(broker_url=broker, database_url=db, model_path=model)
+    settings = _settings(broker_url=broker, sentinel_master=sentinel_master, database_url=db,
+                         model_path=model)
     model_id = _model_id(settings)
     engine = _engine(settings.database_url)
     if not _has_table(engine):
@@ -698,6 +716,7 @@ def requeue(
     ] = None,
     chunk_size: ChunkOpt = DEFAULT_CHUNK_SIZE,
     broker: BrokerOpt = None,
+    sentinel_master: SentinelMasterOpt = None,
     db: DbOpt = None,
     model: ModelOpt = None,
 ) -> None:
@@ -712,7 +731,8 @@ def requeue(
     """
     if not (failed or bad or spectrum):
         raise UserError("choose what to requeue: --failed, --bad and/or --spectrum ID")
-    settings = _settings(broker_url=broker, database_url=db, model_path=model)
+    settings = _settings(broker_url=broker, sentinel_master=sentinel_master, database_url=db,
+                         model_path=model)
     model_id = _model_id(settings)
     from astronn_dist.worker.service.results import select_for_requeue
 
@@ -745,6 +765,7 @@ def status(
         Optional[str], typer.Option("--model-id", help="Only this model's rows (default: every model).")
     ] = None,
     broker: BrokerOpt = None,
+    sentinel_master: SentinelMasterOpt = None,
     db: DbOpt = None,
 ) -> None:
     """Queue length (Redis) and results by outcome (database).
@@ -758,7 +779,7 @@ def status(
 
     from astronn_dist.worker.service.results import computed_by, summary
 
-    settings = _settings(broker_url=broker, database_url=db)
+    settings = _settings(broker_url=broker, sentinel_master=sentinel_master, database_url=db)
     console.print(f"broker   {mask_url(settings.broker_url)}")
     console.print(f"database {mask_url(settings.database_url)}")
     client = redis_client(settings)

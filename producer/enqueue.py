@@ -62,7 +62,9 @@ def model_id_of(path: str | Path) -> str:
 
 def mask_url(url: str) -> str:
     """``url`` with its password (``user:PASSWORD@``, ``?password=``) replaced by ``***``,
-    for anything printed or logged."""
+    for anything printed or logged; each part of a ``;``-separated Sentinel list alike."""
+    if ";" in url:
+        return ";".join(mask_url(part) for part in url.split(";"))
     scheme, sep, rest = url.partition("://")
     if sep and not rest.startswith("/"):
         userinfo, at, hostpart = rest.rpartition("@")
@@ -140,10 +142,11 @@ class _DoneFilter:
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    """A redis-py client on the broker (for the queue's length, contents and the watch state)."""
-    import redis
+    """A redis-py client on the broker's current primary (for the queue's length, contents and
+    the watch state)."""
+    from astronn_dist.worker.service.broker import redis_client as broker_client
 
-    return redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5, socket_timeout=30)
+    return broker_client(settings, timeout_s=30, connect_timeout_s=5)
 
 
 def queued_spectrum_ids(client: redis.Redis, page: int = 1000) -> set[str]:

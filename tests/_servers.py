@@ -76,7 +76,8 @@ class RedisServer:
         port: TCP port on 127.0.0.1 (default: a free one; kept across restarts).
     """
 
-    def __init__(self, folder: Path, port: int | None = None, password: str | None = None) -> None:
+    def __init__(self, folder: Path, port: int | None = None, password: str | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             raise FileNotFoundError("redis-server is not on PATH (apt-get install redis-server)")
@@ -86,6 +87,7 @@ class RedisServer:
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
         self.password = password  # requirepass: every client must AUTH
+        self.extra_args = tuple(extra_args)  # more redis-server options (e.g. --replicaof)
 
     def url(self, db: int = 0) -> str:
         auth = f":{self.password}@" if self.password else ""
@@ -99,6 +101,7 @@ class RedisServer:
             "--save", "", "--protected-mode", "no", "--daemonize", "no",
             "--logfile", str(self.folder / "redis.log"),
             *(["--requirepass", self.password] if self.password else []),
+            *self.extra_args,
         ]
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True

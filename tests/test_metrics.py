@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from _servers import free_port, listening_addresses  # tests/ is on sys.path
 from _service import Worker, build_checkpoint, publish, rows, spectra_farm, wait_for, worker_env
+from astronn_dist.worker.config import Settings
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(300)]
 
@@ -145,13 +146,13 @@ def test_the_queue_gauges_read_the_broker_at_each_scrape(redis_url: str) -> None
     client = redis.Redis.from_url(redis_url)
     client.rpush(QUEUE, "a", "b", "c")
     client.hset(UNACKED_KEY, "tag", "x")
-    collector = QueueCollector(redis_url)
+    collector = QueueCollector(Settings(broker_url=redis_url))
     assert samples(collector) == {("astronn_dist_broker_up", ()): 1,
                                   ("astronn_dist_queue_messages", (("state", "waiting"),)): 3,
                                   ("astronn_dist_queue_messages", (("state", "in_flight"),)): 1}
     client.lpop(QUEUE)
     assert samples(collector)[("astronn_dist_queue_messages", (("state", "waiting"),))] == 2
-    gone = QueueCollector(f"redis://127.0.0.1:{free_port()}/0")
+    gone = QueueCollector(Settings(broker_url=f"redis://127.0.0.1:{free_port()}/0"))
     assert samples(gone) == {("astronn_dist_broker_up", ()): 0}
 
 
@@ -167,7 +168,7 @@ def _exported_series() -> dict[str, str]:
     metrics._metrics()  # the worker's metric objects, in this process's default registry
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
     families = [f for f in REGISTRY.collect() if f.name.startswith("astronn_dist_")]
-    families += metrics.QueueCollector("redis://127.0.0.1:1/0").describe()  # reads no broker
+    families += metrics.QueueCollector(Settings(broker_url="redis://127.0.0.1:1/0")).describe()  # reads no broker
     return {f.name + end: f.name for f in families for end in suffixes[f.type]}
 
 

@@ -36,27 +36,17 @@ every place it is read, see :func:`broker_transport_options`.
 
 from __future__ import annotations
 
-import ssl
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from celery import Celery
 from kombu import Exchange, Queue
 
 from astronn_dist.worker.service import logs
+from astronn_dist.worker.service.broker import broker_ssl_options, kombu_broker, publish_retry_policy
 from astronn_dist.worker.config import QUEUE, TASK_NAME, Settings
 
 RESTORE_INTERVAL_MAX_S = 10
 """Longest period between two sweeps for expired unacked messages (kombu's default period)."""
-
-_CERT_REQS = {
-    "required": ssl.CERT_REQUIRED,
-    "cert_required": ssl.CERT_REQUIRED,
-    "optional": ssl.CERT_OPTIONAL,
-    "cert_optional": ssl.CERT_OPTIONAL,
-    "none": ssl.CERT_NONE,
-    "cert_none": ssl.CERT_NONE,
-}
 
 
 def restore_interval_s(visibility_timeout_s: int) -> int:
@@ -108,29 +98,6 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def broker_ssl_options(broker_url: str) -> dict[str, Any] | None:
-    """``broker_use_ssl`` for a ``rediss://`` URL, from its query (None for plain ``redis://``).
-
-    ``ssl_cert_reqs`` (required | optional | none, default required), ``ssl_ca_certs``,
-    ``ssl_certfile``, ``ssl_keyfile``. kombu on its own falls back to CERT_NONE (no server
-    verification, with a warning) when the URL does not say; here the default is to verify.
-    """
-    parts = urlsplit(broker_url)
-    if parts.scheme != "rediss":
-        return None
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    reqs = query.get("ssl_cert_reqs", "required").strip().lower()
-    if reqs not in _CERT_REQS:
-        raise ValueError(
-            f"ssl_cert_reqs={reqs!r} in the broker URL: use required, optional or none"
-        )
-    options: dict[str, Any] = {"ssl_cert_reqs": _CERT_REQS[reqs]}
-    for key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
-        if query.get(key):
-            options[key] = query[key]
-    return options
-
-
 def make_app(settings: Settings | None = None) -> Celery:
     """The Celery app for ``settings`` (default: :meth:`Settings.from_env`).
 
@@ -138,8 +105,9 @@ def make_app(settings: Settings | None = None) -> Celery:
     ``app.conf``: ``celery inspect conf`` serializes the configuration as JSON).
     """
     settings = settings if settings is not None else Settings.from_env()
-    transport = broker_transport_options(settings)
-    app = Celery("astronn_dist", broker=settings.broker_url, include=["astronn_dist.worker.service.tasks"])
+    broker_url, sentinel_options = kombu_broker(settings)  # a Sentinel URL: master_name & co.
+    transport = {**broker_transport_options(settings), **sentinel_options}
+    app = Celery("astronn_dist", broker=broker_url, include=["astronn_dist.worker.service.tasks"])
     exchange = Exchange(QUEUE, type="direct")
     app.conf.update(
         # Serialization: JSON only, both ways.
@@ -182,6 +150,9 @@ def make_app(settings: Settings | None = None) -> Celery:
     ssl_options = broker_ssl_options(settings.broker_url)
     if ssl_options is not None:
         app.conf.broker_use_ssl = ssl_options
+    retry_policy = publish_retry_policy(settings)
+    if retry_policy is not None:  # Sentinel: a publish rides through a failover
+        app.conf.task_publish_retry_policy = retry_policy
     app.astronn_settings = settings  # type: ignore[attr-defined]
     logs.configure(settings.log_format)  # takes effect when a worker sets up its loggers
     return app

@@ -48,7 +48,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
-from astronn_dist.worker.config import DEFAULT_METRICS_ADDR, metrics_address
+from astronn_dist.worker.config import DEFAULT_METRICS_ADDR, Settings, metrics_address
 from astronn_dist.worker.contract import QUEUE, UNACKED_KEY
 from astronn_dist.worker.service.results import FLAG_COUNTS
 
@@ -141,11 +141,11 @@ class QueueCollector:
     itself never fails, so the worker's other metrics still arrive.
     """
 
-    def __init__(self, broker_url: str) -> None:
-        import redis
+    def __init__(self, settings: Settings) -> None:
+        from astronn_dist.worker.service.broker import redis_client
 
         # Short timeouts: a scrape must answer within Prometheus's scrape timeout (10 s).
-        self._client = redis.Redis.from_url(broker_url, socket_connect_timeout=2, socket_timeout=2)
+        self._client = redis_client(settings, timeout_s=2, connect_timeout_s=2)
 
     @staticmethod
     def _families():  # noqa: ANN205
@@ -177,14 +177,14 @@ class QueueCollector:
         yield queue
 
 
-def serve(port: int, address: str = DEFAULT_METRICS_ADDR, broker_url: str | None = None) -> bool:
+def serve(port: int, address: str = DEFAULT_METRICS_ADDR, broker: Settings | None = None) -> bool:
     """Serve ``/metrics`` on ``address:port`` from this (parent) process, summed over its pool.
 
     Call before the pool forks. ``address`` is an IP address (``ASTRONN_DIST_METRICS_ADDR``,
     ``--metrics-addr``): ``0.0.0.0`` for a Prometheus on another host, ``127.0.0.1`` to keep
     the metrics on this host. Uses ``PROMETHEUS_MULTIPROC_DIR`` when the environment sets it
     (its ``*.db`` sample files, a previous run's, are removed first), else a fresh temporary
-    folder. With ``broker_url``, the queue's length is read at each scrape (:class:`QueueCollector`).
+    folder. With ``broker`` (the settings of the broker), the queue's length is read at each scrape (:class:`QueueCollector`).
     Returns False, with a warning, when the port cannot be bound (e.g. a second worker
     on the host, or an address this host does not have): the worker runs on without metrics
     rather than not at all. ``port`` 0 disables metrics.
@@ -209,8 +209,8 @@ def serve(port: int, address: str = DEFAULT_METRICS_ADDR, broker_url: str | None
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=folder)
-    if broker_url:
-        registry.register(QueueCollector(broker_url))
+    if broker is not None:
+        registry.register(QueueCollector(broker))
     try:
         start_http_server(port, addr=address, registry=registry)
     except OSError as exc:

@@ -110,7 +110,7 @@ def run_worker(
             "starting worker: %d process(es), device %s, %d thread(s) per process",
             plan.concurrency, plan.device, plan.threads_per_process,
         )
-        metrics.serve(settings.metrics_port, settings.metrics_addr, settings.broker_url)
+        metrics.serve(settings.metrics_port, settings.metrics_addr, settings)
 
     celeryd_after_setup.connect(after_setup, weak=False)
     app = make_app(settings)

@@ -106,11 +106,9 @@ class WorkerState:
     def redis(self) -> Any:
         with self._redis_lock:
             if self._redis is None:
-                import redis
+                from astronn_dist.worker.service.broker import redis_client
 
-                self._redis = redis.Redis.from_url(
-                    self.settings.broker_url, socket_timeout=10, socket_connect_timeout=10
-                )
+                self._redis = redis_client(self.settings, timeout_s=10, connect_timeout_s=10)
             return self._redis
 
     def count_delivery(self, task_id: str, retries: int) -> int | None:
