@@ -13,7 +13,8 @@ packets vanish and its TCP connections wait to retransmit).
 :func:`serve_proxy` (``python tests/_hosts.py proxy ...``) is an asyncio TCP proxy that delays
 data, stalls reads and drops connections at random (seeded): the packet loss and delay of a bad
 link, where this kernel has neither the netem qdisc nor iptables. Each fault it injects is one
-line of its output (``proxy drop ...``, ``proxy stall ...``), counted by the tests.
+line of its output (``proxy drop ...``, ``proxy stall ...``), and every second it prints its
+totals (``proxy totals pieces=... delayed=... stalled=... dropped=...``).
 """
 
 from __future__ import annotations
@@ -190,6 +191,10 @@ class FaultPlan:
         self.delay_p, self.delay_s = delay_p, delay_s
         self.stall_p, self.stall_s = stall_p, stall_s
         self.drop_p = drop_p
+        self.totals = {"pieces": 0, "delayed": 0, "stalled": 0, "dropped": 0}
+
+    def report(self) -> str:
+        return "proxy totals " + " ".join(f"{k}={v}" for k, v in self.totals.items())
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, plan: FaultPlan,
@@ -197,16 +202,20 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, plan
     try:
         while data := await reader.read(65536):
             draw = plan.rng.random()
+            plan.totals["pieces"] += 1
             if draw < plan.drop_p:
+                plan.totals["dropped"] += 1
                 print(f"proxy drop {what} ({len(data)} bytes not sent)", flush=True)
                 for w in closers:
                     w.transport.abort()  # RST: the connection dies as on a lossy link
                 return
             if draw < plan.drop_p + plan.stall_p:
+                plan.totals["stalled"] += 1
                 stall = plan.rng.uniform(*plan.stall_s)
                 print(f"proxy stall {what} {stall:.2f} s", flush=True)
                 await asyncio.sleep(stall)
             elif draw < plan.drop_p + plan.stall_p + plan.delay_p:
+                plan.totals["delayed"] += 1
                 await asyncio.sleep(plan.rng.uniform(0, plan.delay_s))
             writer.write(data)
             await writer.drain()
@@ -240,7 +249,13 @@ async def _serve(routes: list[tuple[str, int, str, int]], plan: FaultPlan) -> No
             handler_for(target_host, target_port), listen_host, listen_port))
         print(f"proxy listening {listen_host}:{listen_port} -> {target_host}:{target_port}", flush=True)
     print("proxy ready", flush=True)
-    await asyncio.gather(*(s.serve_forever() for s in servers))
+
+    async def totals() -> None:  # the proxy is killed, not asked to stop: report as it goes
+        while True:
+            await asyncio.sleep(1.0)
+            print(plan.report(), flush=True)
+
+    await asyncio.gather(totals(), *(s.serve_forever() for s in servers))
 
 
 def serve_proxy(argv: Sequence[str] | None = None) -> None:

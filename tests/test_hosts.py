@@ -279,6 +279,53 @@ def _chunk_in_hand(run: Run, worker: Worker) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Takeover:
+    """A chunk redone by the other worker while its first worker was silenced.
+
+    Seconds count from the moment the first worker was silenced."""
+
+    task: str
+    tries: int  # silencing that landed in the worker's write transaction was undone and retried
+    taken_over_s: float  # the other worker had written the chunk
+    silent_s: float  # the first worker was given back its voice
+    late_s: float  # the first worker had finished the chunk too
+    rows: dict[str, tuple]  # the chunk's science columns as the other worker wrote them
+
+
+def _silenced_mid_chunk(run: Run, quiet: Worker, other: Worker, silence, speak) -> Takeover:
+    """Silence ``quiet`` (``silence()``: cut its link, freeze it) in the middle of a chunk, until
+    ``other`` has redone that chunk (after the visibility timeout); then ``speak()`` and wait for
+    ``quiet`` to finish the chunk as well.
+
+    Silenced while it computes, not while it writes: a transaction cut off keeps its rows' locks
+    (PostgreSQL sees no dead peer for hours), and the other worker's write of the chunk would
+    wait for them until ``quiet`` speaks again. Silencing that lands in (or after) the write is
+    undone and tried on a later chunk.
+    """
+    for tries in range(1, 6):
+        task = _chunk_in_hand(run, quiet)
+        silence()
+        t_silent = time.monotonic()
+        if not _task_rows(run, task) and not _in_transaction(run, quiet.name):
+            break
+        speak()
+        wait_for(lambda: task not in _in_hand(quiet), 120, f"{quiet.name} to finish {task}", quiet)
+    else:
+        pytest.fail(f"five times {quiet.name} was silenced while writing its chunk")
+    try:
+        wait_for(lambda: _succeeded(other, task), 120, f"{other.name} to take over {task}", other)
+        taken_over = time.monotonic() - t_silent
+        rows_before = _task_rows(run, task)
+        assert len(rows_before) == CHUNK, f"{len(rows_before)} rows for the chunk taken over"
+        assert not _succeeded(quiet, task), f"{quiet.name} finished its chunk while silenced"
+    finally:
+        speak()
+    silent = time.monotonic() - t_silent
+    wait_for(lambda: _succeeded(quiet, task), 180, f"{quiet.name} to finish {task}", quiet)
+    return Takeover(task, tries, taken_over, silent, time.monotonic() - t_silent, rows_before)
+
+
 def test_worker_link_cut_mid_chunk(
     services: Services, run: Run, baseline: dict[str, tuple], checkpoint: Path, catalog: Path,
     tmp_path: Path, workers: list[Worker],
@@ -287,36 +334,14 @@ def test_worker_link_cut_mid_chunk(
     w1, w2 = _two_workers(run, checkpoint, tmp_path, workers)
     t0 = time.monotonic()
     messages = _produce(run, catalog, checkpoint)
-    # Cut while w1 computes, not while it writes: a transaction cut off holds its rows' locks
-    # (PostgreSQL sees no dead peer for hours), and the other worker's write of the chunk would
-    # wait for them until the link returns. A cut that lands in (or after) the write is undone.
-    for tries in range(1, 6):
-        task = _chunk_in_hand(run, w1)
-        hosts.cut("w1")
-        t_cut = time.monotonic()
-        if not _task_rows(run, task) and not _in_transaction(run, "w1"):
-            break
-        hosts.mend("w1")
-        wait_for(lambda: task not in _in_hand(w1), 120, f"w1 to finish {task}", w1)
-    else:
-        pytest.fail("five cuts came while w1 was writing its chunk")
-    try:
-        wait_for(lambda: _succeeded(w2, task), 120, f"w2 to take over {task}", w2)
-        taken_over = time.monotonic() - t_cut
-        before = _task_rows(run, task)
-        assert len(before) == CHUNK, f"{len(before)} rows for the chunk taken over"
-        assert not _succeeded(w1, task), "w1 finished its chunk with its link cut"
-    finally:
-        hosts.mend("w1")
-    down = time.monotonic() - t_cut
-    wait_for(lambda: _succeeded(w1, task), 180, f"w1's late write of {task}", w1)
-    late = time.monotonic() - t_cut
+    took = _silenced_mid_chunk(run, w1, w2, lambda: hosts.cut("w1"), lambda: hosts.mend("w1"))
     lost, duplicated, elapsed = _finish(run, baseline, t0, w2)
-    assert _task_rows(run, task) == before, "the late write changed the rows"
+    assert _task_rows(run, took.task) == took.rows, "the late write changed the rows"
     print(f"\n[hosts cut] {N} spectra in {messages} messages, 2 worker hosts; w1's link cut "
-          f"mid-chunk (try {tries}) for {down:.1f} s: chunk redone by w2 {taken_over:.1f} s after the cut, w1's "
-          f"late write {late:.1f} s after it changed nothing; {lost} lost, {duplicated} "
-          f"duplicated, rows equal to the run without faults; {elapsed:.1f} s")
+          f"mid-chunk (try {took.tries}) for {took.silent_s:.1f} s: chunk redone by w2 "
+          f"{took.taken_over_s:.1f} s after the cut, w1's late write {took.late_s:.1f} s after it "
+          f"changed nothing; {lost} lost, {duplicated} duplicated, rows equal to the run without "
+          f"faults; {elapsed:.1f} s")
 
 
 def test_worker_frozen_past_the_visibility_timeout(
@@ -326,30 +351,17 @@ def test_worker_frozen_past_the_visibility_timeout(
     w1, w2 = _two_workers(run, checkpoint, tmp_path, workers)
     t0 = time.monotonic()
     messages = _produce(run, catalog, checkpoint)
-    for tries in range(1, 6):  # frozen while it computes (see the link cut), else again
-        task = _chunk_in_hand(run, w1)
-        os.killpg(w1.proc.pid, signal.SIGSTOP)  # the worker and its pool process
-        t_stop = time.monotonic()
-        if not _task_rows(run, task) and not _in_transaction(run, "w1"):
-            break
-        os.killpg(w1.proc.pid, signal.SIGCONT)
-        wait_for(lambda: task not in _in_hand(w1), 120, f"w1 to finish {task}", w1)
-    else:
-        pytest.fail("five freezes came while w1 was writing its chunk")
-    try:
-        wait_for(lambda: _succeeded(w2, task), 120, f"w2 to take over {task}", w2)
-        frozen = time.monotonic() - t_stop
-        before = _task_rows(run, task)
-        assert frozen >= VISIBILITY_S and len(before) == CHUNK, (frozen, len(before))
-    finally:
-        os.killpg(w1.proc.pid, signal.SIGCONT)
-    wait_for(lambda: _succeeded(w1, task), 180, f"w1 to finish {task} once resumed", w1)
+    took = _silenced_mid_chunk(  # the worker and its pool process
+        run, w1, w2, lambda: os.killpg(w1.proc.pid, signal.SIGSTOP),
+        lambda: os.killpg(w1.proc.pid, signal.SIGCONT),
+    )
+    assert took.silent_s >= VISIBILITY_S, took
     lost, duplicated, elapsed = _finish(run, baseline, t0, w2)
-    assert _task_rows(run, task) == before, "the resumed worker's write changed the rows"
+    assert _task_rows(run, took.task) == took.rows, "the resumed worker's write changed the rows"
     print(f"\n[hosts freeze] {N} spectra in {messages} messages, 2 worker hosts; w1 frozen "
-          f"(SIGSTOP) mid-chunk (try {tries}) for {frozen:.1f} s, its chunk redone by w2, then resumed and "
-          f"finished it again: {lost} lost, {duplicated} duplicated, rows equal to the run "
-          f"without faults; {elapsed:.1f} s")
+          f"(SIGSTOP) mid-chunk (try {took.tries}) for {took.silent_s:.1f} s, its chunk redone by "
+          f"w2, then resumed and finished it again {took.late_s:.1f} s after the freeze: {lost} "
+          f"lost, {duplicated} duplicated, rows equal to the run without faults; {elapsed:.1f} s")
 
 
 def test_services_unreachable_for_20_s(
@@ -409,12 +421,14 @@ def test_lossy_slow_link_for_the_whole_run(
     finally:
         os.killpg(proxy.pid, signal.SIGKILL)
         proxy.wait(30)
-    log = proxy_log.read_text()
-    drops, stalls = log.count("proxy drop"), log.count("proxy stall")
+    totals = re.findall(r"proxy totals (.*)", proxy_log.read_text())
+    assert totals, proxy_log.read_text()[-2000:]
+    faults = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", totals[-1])}
     through_proxy = len(re.findall(rf"{_TASK} succeeded", w2.log()))
-    assert drops and stalls, f"the proxy injected {drops} drops and {stalls} stalls"
+    assert faults["dropped"] and faults["stalled"] and faults["delayed"], faults
     assert through_proxy, "w2 finished no chunk through the proxy"
     print(f"\n[hosts lossy] {N} spectra in {messages} messages, 2 worker hosts, w2 through a "
-          f"faulty proxy (seed 14) that dropped {drops} connections and stalled {stalls} reads "
-          f"(and delayed many): w2 finished {through_proxy} chunks; {lost} lost, {duplicated} "
-          f"duplicated, rows equal to the run without faults; {elapsed:.1f} s")
+          f"faulty proxy (seed 14) that dropped {faults['dropped']} connections, stalled "
+          f"{faults['stalled']} reads for 0.5-3 s and delayed {faults['delayed']} of "
+          f"{faults['pieces']} pieces by up to 50 ms: w2 finished {through_proxy} chunks; {lost} "
+          f"lost, {duplicated} duplicated, rows equal to the run without faults; {elapsed:.1f} s")
