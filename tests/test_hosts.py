@@ -255,17 +255,41 @@ def baseline(services: Services, checkpoint: Path, catalog: Path,
             w.stop()
 
 
+class Stream:
+    """One test's run: its workers, the N spectra produced once, and the end checks."""
+
+    def __init__(self, run: Run, baseline: dict[str, tuple], checkpoint: Path, catalog: Path,
+                 log_dir: Path, workers: list[Worker]) -> None:
+        self.run, self.baseline, self.checkpoint, self.catalog = run, baseline, checkpoint, catalog
+        self.log_dir, self.workers = log_dir, workers
+        self.t0 = 0.0
+        self.messages = 0
+
+    def worker(self, host: str, **where: str) -> Worker:
+        return _start_worker(self.run, host, self.checkpoint, self.log_dir, self.workers, **where)
+
+    def two_workers(self) -> tuple[Worker, Worker]:
+        """``w1`` and ``w2``, both straight on the network, ready."""
+        w1, w2 = self.worker("w1"), self.worker("w2")
+        w1.wait_ready()
+        w2.wait_ready()
+        return w1, w2
+
+    def produce(self) -> None:
+        """Start the clock and publish the N spectra (from the services host)."""
+        self.t0 = time.monotonic()
+        self.messages = _produce(self.run, self.catalog, self.checkpoint)
+
+    def finish(self, worker: Worker) -> tuple[int, int, float]:
+        """(lost, duplicated, seconds since produce), checked as :func:`_finish` does."""
+        return _finish(self.run, self.baseline, self.t0, worker)
+
+
 @pytest.fixture()
-def run(services: Services, request: pytest.FixtureRequest) -> Run:
-    return _new_run(services, re.sub(r"\W", "_", request.node.name)[:50].lower())
-
-
-def _two_workers(run: Run, checkpoint: Path, tmp_path: Path, workers: list[Worker]) -> tuple[Worker, Worker]:
-    w1 = _start_worker(run, "w1", checkpoint, tmp_path, workers)
-    w2 = _start_worker(run, "w2", checkpoint, tmp_path, workers)
-    w1.wait_ready()
-    w2.wait_ready()
-    return w1, w2
+def stream(services: Services, baseline: dict[str, tuple], checkpoint: Path, catalog: Path,
+           tmp_path: Path, workers: list[Worker], request: pytest.FixtureRequest) -> Stream:
+    run = _new_run(services, re.sub(r"\W", "_", request.node.name)[:50].lower())
+    return Stream(run, baseline, checkpoint, catalog, tmp_path, workers)
 
 
 def _chunk_in_hand(run: Run, worker: Worker) -> str:
@@ -326,52 +350,41 @@ def _silenced_mid_chunk(run: Run, quiet: Worker, other: Worker, silence, speak) 
     return Takeover(task, tries, taken_over, silent, time.monotonic() - t_silent, rows_before)
 
 
-def test_worker_link_cut_mid_chunk(
-    services: Services, run: Run, baseline: dict[str, tuple], checkpoint: Path, catalog: Path,
-    tmp_path: Path, workers: list[Worker],
-) -> None:
-    hosts = services.hosts
-    w1, w2 = _two_workers(run, checkpoint, tmp_path, workers)
-    t0 = time.monotonic()
-    messages = _produce(run, catalog, checkpoint)
+def test_worker_link_cut_mid_chunk(stream: Stream) -> None:
+    run, hosts = stream.run, stream.run.services.hosts
+    w1, w2 = stream.two_workers()
+    stream.produce()
     took = _silenced_mid_chunk(run, w1, w2, lambda: hosts.cut("w1"), lambda: hosts.mend("w1"))
-    lost, duplicated, elapsed = _finish(run, baseline, t0, w2)
+    lost, duplicated, elapsed = stream.finish(w2)
     assert _task_rows(run, took.task) == took.rows, "the late write changed the rows"
-    print(f"\n[hosts cut] {N} spectra in {messages} messages, 2 worker hosts; w1's link cut "
-          f"mid-chunk (try {took.tries}) for {took.silent_s:.1f} s: chunk redone by w2 "
+    print(f"\n[hosts cut] {N} spectra in {stream.messages} messages, 2 worker hosts; w1's link "
+          f"cut mid-chunk (try {took.tries}) for {took.silent_s:.1f} s: chunk redone by w2 "
           f"{took.taken_over_s:.1f} s after the cut, w1's late write {took.late_s:.1f} s after it "
           f"changed nothing; {lost} lost, {duplicated} duplicated, rows equal to the run without "
           f"faults; {elapsed:.1f} s")
 
 
-def test_worker_frozen_past_the_visibility_timeout(
-    services: Services, run: Run, baseline: dict[str, tuple], checkpoint: Path, catalog: Path,
-    tmp_path: Path, workers: list[Worker],
-) -> None:
-    w1, w2 = _two_workers(run, checkpoint, tmp_path, workers)
-    t0 = time.monotonic()
-    messages = _produce(run, catalog, checkpoint)
+def test_worker_frozen_past_the_visibility_timeout(stream: Stream) -> None:
+    w1, w2 = stream.two_workers()
+    stream.produce()
     took = _silenced_mid_chunk(  # the worker and its pool process
-        run, w1, w2, lambda: os.killpg(w1.proc.pid, signal.SIGSTOP),
+        stream.run, w1, w2, lambda: os.killpg(w1.proc.pid, signal.SIGSTOP),
         lambda: os.killpg(w1.proc.pid, signal.SIGCONT),
     )
     assert took.silent_s >= VISIBILITY_S, took
-    lost, duplicated, elapsed = _finish(run, baseline, t0, w2)
-    assert _task_rows(run, took.task) == took.rows, "the resumed worker's write changed the rows"
-    print(f"\n[hosts freeze] {N} spectra in {messages} messages, 2 worker hosts; w1 frozen "
-          f"(SIGSTOP) mid-chunk (try {took.tries}) for {took.silent_s:.1f} s, its chunk redone by "
-          f"w2, then resumed and finished it again {took.late_s:.1f} s after the freeze: {lost} "
-          f"lost, {duplicated} duplicated, rows equal to the run without faults; {elapsed:.1f} s")
+    lost, duplicated, elapsed = stream.finish(w2)
+    assert _task_rows(stream.run, took.task) == took.rows, "the resumed worker's write changed the rows"
+    print(f"\n[hosts freeze] {N} spectra in {stream.messages} messages, 2 worker hosts; w1 "
+          f"frozen (SIGSTOP) mid-chunk (try {took.tries}) for {took.silent_s:.1f} s, its chunk "
+          f"redone by w2, then resumed and finished it again {took.late_s:.1f} s after the "
+          f"freeze: {lost} lost, {duplicated} duplicated, rows equal to the run without faults; "
+          f"{elapsed:.1f} s")
 
 
-def test_services_unreachable_for_20_s(
-    services: Services, run: Run, baseline: dict[str, tuple], checkpoint: Path, catalog: Path,
-    tmp_path: Path, workers: list[Worker],
-) -> None:
-    hosts = services.hosts
-    w1, w2 = _two_workers(run, checkpoint, tmp_path, workers)
-    t0 = time.monotonic()
-    messages = _produce(run, catalog, checkpoint)
+def test_services_unreachable_for_20_s(stream: Stream) -> None:
+    run, hosts = stream.run, stream.run.services.hosts
+    w1, _ = stream.two_workers()
+    stream.produce()
     wait_for(lambda: run.rows_written() >= N // 4, 300, "a quarter written", w1)
     with hosts.link_cut("services"):
         t_cut = time.monotonic()
@@ -382,20 +395,17 @@ def test_services_unreachable_for_20_s(
         at_end = run.rows_written()
     outage = time.monotonic() - t_cut
     assert at_end == at_cut < N, f"rows were written with the services unreachable: {at_cut} -> {at_end}"
-    lost, duplicated, elapsed = _finish(run, baseline, t0, w1)
-    print(f"\n[hosts partition] {N} spectra in {messages} messages, 2 worker hosts; services host "
-          f"unreachable for {outage:.1f} s with {N - at_cut} spectra to go: {lost} lost, "
-          f"{duplicated} duplicated, rows equal to the run without faults; {elapsed:.1f} s")
+    lost, duplicated, elapsed = stream.finish(w1)
+    print(f"\n[hosts partition] {N} spectra in {stream.messages} messages, 2 worker hosts; "
+          f"services host unreachable for {outage:.1f} s with {N - at_cut} spectra to go: {lost} "
+          f"lost, {duplicated} duplicated, rows equal to the run without faults; {elapsed:.1f} s")
 
 
-def test_lossy_slow_link_for_the_whole_run(
-    services: Services, run: Run, baseline: dict[str, tuple], checkpoint: Path, catalog: Path,
-    tmp_path: Path, workers: list[Worker],
-) -> None:
-    hosts = services.hosts
+def test_lossy_slow_link_for_the_whole_run(stream: Stream) -> None:
+    run, hosts = stream.run, stream.run.services.hosts
     svc = hosts.address("services")
     redis_port, postgres_port = 16379, 15432  # on w2's own loopback
-    proxy_log = tmp_path / "proxy.log"
+    proxy_log = stream.log_dir / "proxy.log"
     with proxy_log.open("ab") as out:
         proxy = subprocess.Popen(
             [*hosts.exec("w2"), *proxy_command({("127.0.0.1", redis_port): (svc, REDIS_PORT),
@@ -407,17 +417,15 @@ def test_lossy_slow_link_for_the_whole_run(
         wait_for(lambda: "proxy ready" in proxy_log.read_text() or proxy.poll() is not None, 60,
                  "the proxy")
         assert proxy.poll() is None, proxy_log.read_text()
-        w1 = _start_worker(run, "w1", checkpoint, tmp_path, workers)
-        w2 = _start_worker(
-            run, "w2", checkpoint, tmp_path, workers,
-            broker=f"redis://127.0.0.1:{redis_port}/{run.redis_db}",
+        w1 = stream.worker("w1")
+        w2 = stream.worker(
+            "w2", broker=f"redis://127.0.0.1:{redis_port}/{run.redis_db}",
             db=f"postgresql+psycopg://postgres@127.0.0.1:{postgres_port}/{run.name}",
         )
         w1.wait_ready()
         w2.wait_ready(timeout=180)
-        t0 = time.monotonic()
-        messages = _produce(run, catalog, checkpoint)
-        lost, duplicated, elapsed = _finish(run, baseline, t0, w1)
+        stream.produce()
+        lost, duplicated, elapsed = stream.finish(w1)
     finally:
         os.killpg(proxy.pid, signal.SIGKILL)
         proxy.wait(30)
@@ -427,7 +435,7 @@ def test_lossy_slow_link_for_the_whole_run(
     through_proxy = len(re.findall(rf"{_TASK} succeeded", w2.log()))
     assert faults["dropped"] and faults["stalled"] and faults["delayed"], faults
     assert through_proxy, "w2 finished no chunk through the proxy"
-    print(f"\n[hosts lossy] {N} spectra in {messages} messages, 2 worker hosts, w2 through a "
+    print(f"\n[hosts lossy] {N} spectra in {stream.messages} messages, 2 worker hosts, w2 through a "
           f"faulty proxy (seed 14) that dropped {faults['dropped']} connections, stalled "
           f"{faults['stalled']} reads for 0.5-3 s and delayed {faults['delayed']} of "
           f"{faults['pieces']} pieces by up to 50 ms: w2 finished {through_proxy} chunks; {lost} "
