@@ -152,12 +152,19 @@ class RedisServer:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill_group(self.proc)
-        _wait(lambda: not port_open(self.port), 10, f"port {self.port} to close")
+        _wait(self._closed, 10, f"port {self.port} to close")
+
+    def _closed(self) -> bool:
+        """The server no longer listens (on another host: its process is gone, since its port
+        cannot be seen from here)."""
+        if self.prefix:
+            return self.proc is None or self.proc.poll() is not None
+        return not port_open(self.port)
 
     def kill(self) -> None:
         """SIGKILL: the machine dies; what was written to the append-only file survives."""
         _kill_group(self.proc)
-        _wait(lambda: not port_open(self.port), 10, f"port {self.port} to close")
+        _wait(self._closed, 10, f"port {self.port} to close")
 
     def restart(self, down_s: float = 0.0, *, hard: bool = False) -> float:
         """Stop (or kill), stay down ``down_s`` seconds, start again; returns the seconds the
@@ -195,7 +202,8 @@ def postgres_bindir() -> Path | None:
 
 
 class PostgresServer:
-    """A private PostgreSQL cluster (trust authentication, user ``postgres``) on 127.0.0.1.
+    """A private PostgreSQL cluster (trust authentication, user ``postgres``) on 127.0.0.1
+    (or ``bind``).
 
     Its folder is a fresh ``tempfile.mkdtemp`` (owned by the ``postgres`` user when running as
     root), removed by :meth:`close`; it holds the Unix socket too.
@@ -273,8 +281,8 @@ class PostgresServer:
 
         try:
             with psycopg.connect(
-                host=str(self.folder) if self.prefix else "127.0.0.1", port=self.port, user="postgres", dbname="postgres",
-                connect_timeout=2,
+                host=str(self.folder) if self.prefix else "127.0.0.1", port=self.port,
+                user="postgres", dbname="postgres", connect_timeout=2,
             ) as conn:
                 conn.execute("SELECT 1")
             return True
@@ -285,7 +293,8 @@ class PostgresServer:
         """``pg_ctl stop -m fast`` (clients disconnected, clean shutdown) or ``immediate``."""
         if (self.data / "postmaster.pid").exists():
             self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
-        _wait(lambda: not port_open(self.port), 30, f"port {self.port} to close")
+        _wait(lambda: not (self.data / "postmaster.pid").exists() if self.prefix
+              else not port_open(self.port), 30, f"port {self.port} to close")
 
     def restart(self, down_s: float = 0.0, mode: str = "fast") -> None:
         self.stop(mode)
