@@ -4,6 +4,8 @@ while 2,000 spectra stream:
 
 * a worker host's link cut mid-chunk: the chunk goes to the other worker after the visibility
   timeout; when the link returns, the cut worker's late write changes nothing;
+* a worker host's link cut inside its write transaction: PostgreSQL ends the silent session
+  (results.dead_client_s), so the other worker's write of the chunk does not wait on its locks;
 * a worker frozen (SIGSTOP) past the visibility timeout, then resumed;
 * the services host unreachable from the workers for 20 s;
 * delay, stalls and dropped connections on a worker's link for the whole run (a fault-injecting
@@ -196,23 +198,45 @@ def _in_hand(worker: Worker) -> list[str]:
     return [t for t in received if t not in ended]
 
 
-def _in_transaction(run: Run, host: str) -> bool:
-    """Whether ``host`` has a transaction open on the database (its rows' write under way)."""
-    import sqlalchemy as sa
+class Sessions:
+    """Who has a transaction open on the run's database (``pg_stat_activity``), asked on one
+    connection of the test's own, so that it can be polled every few milliseconds."""
 
-    engine = sa.create_engine(run.db_local)
-    try:
-        with engine.connect() as conn:
-            return bool(conn.execute(sa.text(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = :db "
-                "AND client_addr = CAST(:addr AS inet) AND xact_start IS NOT NULL"
-            ), {"db": run.name, "addr": run.services.hosts.address(host)}).scalar_one())
-    finally:
-        engine.dispose()
+    def __init__(self, run: Run) -> None:
+        import psycopg
+
+        pg = run.services.postgres
+        self.run = run
+        self.conn = psycopg.connect(host=str(pg.folder), port=pg.port, user="postgres",
+                                    dbname=run.name, autocommit=True)
+
+    def in_transaction(self, host: str) -> bool:
+        """Whether ``host`` has a transaction open (a worker's: its rows' write under way)."""
+        return bool(self.conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+            "AND client_addr = CAST(%s AS inet) AND xact_start IS NOT NULL",
+            (self.run.name, self.run.services.hosts.address(host)),
+        ).fetchone()[0])
+
+    def rows(self) -> int:
+        import psycopg
+
+        try:
+            return int(self.conn.execute("SELECT count(*) FROM astro_nn_dist").fetchone()[0])
+        except psycopg.errors.UndefinedTable:  # the workers have not migrated yet
+            return 0
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 def _succeeded(worker: Worker, task_id: str) -> bool:
     return f"Task astronn_dist.process[{task_id}] succeeded" in worker.log()
+
+
+def _ended(worker: Worker, task_id: str) -> bool:
+    """The worker finished the chunk: rows written, or a retry (its write failed) sent."""
+    return bool(re.search(rf"Task astronn_dist\.process\[{task_id}\] (?:succeeded|retry)", worker.log()))
 
 
 def _finish(run: Run, baseline: dict[str, tuple], t0: float, worker: Worker) -> tuple[int, int, float]:
@@ -300,6 +324,16 @@ def _chunk_in_hand(run: Run, worker: Worker) -> str:
     )
 
 
+def _chunk_in_write(run: Run, sessions: Sessions, worker: Worker) -> str:
+    """Wait until ``worker`` has a chunk's write transaction open (a few milliseconds per chunk;
+    the stream under way, so that it is not its start-up's migration)."""
+    return wait_for(
+        lambda: sessions.in_transaction(worker.name) and sessions.rows() >= N // 8
+        and (hand := _in_hand(worker)) and hand[0],
+        300, f"{worker.name} inside its write transaction", worker, interval=0.001,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -310,33 +344,39 @@ class Takeover:
     Seconds count from the moment the first worker was silenced."""
 
     task: str
-    tries: int  # silencing that landed in the worker's write transaction was undone and retried
+    tries: int  # silencing that landed elsewhere than asked was undone and tried again
     taken_over_s: float  # the other worker had written the chunk
     silent_s: float  # the first worker was given back its voice
     late_s: float  # the first worker had finished the chunk too
     rows: dict[str, tuple]  # the chunk's science columns as the other worker wrote them
 
 
-def _silenced_mid_chunk(run: Run, quiet: Worker, other: Worker, silence, speak) -> Takeover:
+def _silenced_mid_chunk(run: Run, quiet: Worker, other: Worker, silence, speak, *,
+                        in_write: bool = False) -> Takeover:
     """Silence ``quiet`` (``silence()``: cut its link, freeze it) in the middle of a chunk, until
     ``other`` has redone that chunk (after the visibility timeout); then ``speak()`` and wait for
-    ``quiet`` to finish the chunk as well.
+    ``quiet`` to finish the chunk as well (its write, or its retry when the server had ended its
+    session meanwhile).
 
-    Silenced while it computes, not while it writes: a transaction cut off keeps its rows' locks
-    (PostgreSQL sees no dead peer for hours), and the other worker's write of the chunk would
-    wait for them until ``quiet`` speaks again. Silencing that lands in (or after) the write is
-    undone and tried on a later chunk.
+    ``in_write``: silenced inside its write transaction (its rows locked, its session left idle
+    until the server ends it: ``results.writer_idle_timeout_s``), else while it computes.
+    Silencing that lands elsewhere (the chunk already written, or the write begun or not yet)
+    is undone and tried on a later chunk.
     """
-    for tries in range(1, 6):
-        task = _chunk_in_hand(run, quiet)
-        silence()
-        t_silent = time.monotonic()
-        if not _task_rows(run, task) and not _in_transaction(run, quiet.name):
-            break
-        speak()
-        wait_for(lambda: task not in _in_hand(quiet), 120, f"{quiet.name} to finish {task}", quiet)
-    else:
-        pytest.fail(f"five times {quiet.name} was silenced while writing its chunk")
+    sessions = Sessions(run)
+    try:
+        for tries in range(1, 6):
+            task = _chunk_in_write(run, sessions, quiet) if in_write else _chunk_in_hand(run, quiet)
+            silence()
+            t_silent = time.monotonic()
+            if not _task_rows(run, task) and sessions.in_transaction(quiet.name) == in_write:
+                break
+            speak()
+            wait_for(lambda: task not in _in_hand(quiet), 120, f"{quiet.name} to finish {task}", quiet)
+        else:
+            pytest.fail(f"five times {quiet.name} was not silenced where asked (in_write={in_write})")
+    finally:
+        sessions.close()
     try:
         wait_for(lambda: _succeeded(other, task), 120, f"{other.name} to take over {task}", other)
         taken_over = time.monotonic() - t_silent
@@ -346,7 +386,7 @@ def _silenced_mid_chunk(run: Run, quiet: Worker, other: Worker, silence, speak) 
     finally:
         speak()
     silent = time.monotonic() - t_silent
-    wait_for(lambda: _succeeded(quiet, task), 180, f"{quiet.name} to finish {task}", quiet)
+    wait_for(lambda: _ended(quiet, task), 180, f"{quiet.name} to finish {task}", quiet)
     return Takeover(task, tries, taken_over, silent, time.monotonic() - t_silent, rows_before)
 
 
@@ -379,6 +419,25 @@ def test_worker_frozen_past_the_visibility_timeout(stream: Stream) -> None:
           f"redone by w2, then resumed and finished it again {took.late_s:.1f} s after the "
           f"freeze: {lost} lost, {duplicated} duplicated, rows equal to the run without faults; "
           f"{elapsed:.1f} s")
+
+
+def test_worker_link_cut_inside_its_write_transaction(stream: Stream) -> None:
+    """Cut off with its rows locked: the server's keepalive probes find the silent host and end
+    its session (results.dead_client_s), so the other worker's write of the redelivered chunk
+    does not wait for the link to return."""
+    hosts = stream.run.services.hosts
+    w1, w2 = stream.two_workers()
+    stream.produce()
+    took = _silenced_mid_chunk(stream.run, w1, w2, lambda: hosts.cut("w1"),
+                               lambda: hosts.mend("w1"), in_write=True)
+    lost, duplicated, elapsed = stream.finish(w2)
+    assert _task_rows(stream.run, took.task) == took.rows, "w1 changed the rows once back"
+    outcome = "retried it" if not _succeeded(w1, took.task) else "wrote it again"
+    print(f"\n[hosts cut-in-write] {N} spectra in {stream.messages} messages, 2 worker hosts; "
+          f"w1's link cut inside its write transaction (try {took.tries}) for "
+          f"{took.silent_s:.1f} s: the server ended its session, w2 redid the chunk "
+          f"{took.taken_over_s:.1f} s after the cut; back, w1 {outcome}: {lost} lost, "
+          f"{duplicated} duplicated, rows equal to the run without faults; {elapsed:.1f} s")
 
 
 def test_services_unreachable_for_20_s(stream: Stream) -> None:
