@@ -358,8 +358,9 @@ def _silenced_mid_chunk(run: Run, quiet: Worker, other: Worker, silence, speak, 
     ``quiet`` to finish the chunk as well (its write, or its retry when the server had ended its
     session meanwhile).
 
-    ``in_write``: silenced inside its write transaction (its rows locked, its session left idle
-    until the server ends it: ``results.writer_idle_timeout_s``), else while it computes.
+    ``in_write``: silenced inside its write transaction (its rows locked until the server ends
+    the silent session: ``results.dead_client_s``; a frozen process, whose host still answers,
+    keeps them until it resumes), else while it computes.
     Silencing that lands elsewhere (the chunk already written, or the write begun or not yet)
     is undone and tried on a later chunk.
     """
