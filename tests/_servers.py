@@ -4,6 +4,11 @@ Each server runs on a free loopback port, with its files in a temporary folder o
 own process group, and is killed (the whole group) when the test ends, even if it fails. Nothing
 here touches the machine's shared Redis (6379) or PostgreSQL (5432).
 
+Both can run on another host of the tests (tests/_hosts.py): ``bind`` is then that host's
+address and ``prefix`` the command that runs there (``ip netns exec NS``); the test process,
+which stays in the root namespace, reaches them through their Unix socket (a file, which no
+network namespace hides), as a process on that host would.
+
 * :class:`RedisServer`: ``redis-server --appendonly yes`` (every write is in the append-only file
   before the client gets its reply with ``appendfsync always``), so a restart keeps the queue.
 * :class:`PostgresServer`: ``initdb`` + ``pg_ctl``. PostgreSQL refuses to run as root; when the
@@ -73,11 +78,15 @@ class RedisServer:
 
     Args:
         folder: where the append-only file and the log go (created).
-        port: TCP port on 127.0.0.1 (default: a free one; kept across restarts).
+        port: TCP port (default: a free one on 127.0.0.1; kept across restarts).
+        bind: the address it listens on (default 127.0.0.1).
+        prefix: command prefix that runs it on another host (e.g. ``ip netns exec NS``); it
+            then also listens on the Unix socket ``folder/redis.sock``, which :meth:`ready` uses.
     """
 
     def __init__(self, folder: Path, port: int | None = None, password: str | None = None,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), *, bind: str = "127.0.0.1",
+                 prefix: list[str] | None = None) -> None:
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             raise FileNotFoundError("redis-server is not on PATH (apt-get install redis-server)")
@@ -88,19 +97,29 @@ class RedisServer:
         self.restarts = 0
         self.password = password  # requirepass: every client must AUTH
         self.extra_args = tuple(extra_args)  # more redis-server options (e.g. --replicaof)
+        self.bind = bind
+        self.prefix = list(prefix or [])
+        self.socket = self.folder / "redis.sock" if self.prefix else None
 
     def url(self, db: int = 0) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+        return f"redis://{auth}{self.bind}:{self.port}/{db}"
+
+    def socket_url(self, db: int = 0) -> str:
+        """The Unix socket's URL (only with ``prefix``): reachable from the test's process."""
+        assert self.socket is not None, "a RedisServer without prefix has no Unix socket"
+        auth = f":{self.password}@" if self.password else ""
+        return f"unix://{auth}{self.socket}?db={db}"
 
     def start(self, timeout: float = 30.0) -> RedisServer:
         """Start the server and wait until it answers PING (and has loaded its data)."""
         argv = [
-            self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+            *self.prefix, self.binary, "--port", str(self.port), "--bind", self.bind,
             "--dir", str(self.folder), "--appendonly", "yes", "--appendfsync", "always",
             "--save", "", "--protected-mode", "no", "--daemonize", "no",
             "--logfile", str(self.folder / "redis.log"),
             *(["--requirepass", self.password] if self.password else []),
+            *(["--unixsocket", str(self.socket), "--unixsocketperm", "700"] if self.socket else []),
             *self.extra_args,
         ]
         self.proc = subprocess.Popen(
@@ -117,8 +136,9 @@ class RedisServer:
                 f"redis-server exited ({self.proc.returncode}): "
                 + (self.folder / "redis.log").read_text(errors="replace")[-2000:]
             )
-        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
-                             socket_timeout=1)
+        where = ({"unix_socket_path": str(self.socket)} if self.socket
+                 else {"host": "127.0.0.1", "port": self.port})
+        client = redis.Redis(**where, password=self.password, socket_timeout=1)
         try:
             return bool(client.ping())  # a server still loading its AOF answers LOADING (error)
         except redis.RedisError:
@@ -135,12 +155,19 @@ class RedisServer:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill_group(self.proc)
-        _wait(lambda: not port_open(self.port), 10, f"port {self.port} to close")
+        _wait(self._closed, 10, f"port {self.port} to close")
+
+    def _closed(self) -> bool:
+        """The server no longer listens (on another host: its process is gone, since its port
+        cannot be seen from here)."""
+        if self.prefix:
+            return self.proc is None or self.proc.poll() is not None
+        return not port_open(self.port)
 
     def kill(self) -> None:
         """SIGKILL: the machine dies; what was written to the append-only file survives."""
         _kill_group(self.proc)
-        _wait(lambda: not port_open(self.port), 10, f"port {self.port} to close")
+        _wait(self._closed, 10, f"port {self.port} to close")
 
     def restart(self, down_s: float = 0.0, *, hard: bool = False) -> float:
         """Stop (or kill), stay down ``down_s`` seconds, start again; returns the seconds the
@@ -178,13 +205,21 @@ def postgres_bindir() -> Path | None:
 
 
 class PostgresServer:
-    """A private PostgreSQL cluster (trust authentication, user ``postgres``) on 127.0.0.1.
+    """A private PostgreSQL cluster (trust authentication, user ``postgres``) on 127.0.0.1
+    (or ``bind``).
 
     Its folder is a fresh ``tempfile.mkdtemp`` (owned by the ``postgres`` user when running as
-    root), removed by :meth:`close`.
+    root), removed by :meth:`close`; it holds the Unix socket too.
+
+    Args:
+        port: TCP port (default: a free one on 127.0.0.1).
+        bind: the address it listens on (default 127.0.0.1).
+        prefix: command prefix that runs it on another host (e.g. ``ip netns exec NS``);
+            :meth:`ready` then logs in through the Unix socket.
     """
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, bind: str = "127.0.0.1",
+                 prefix: list[str] | None = None) -> None:
         bindir = postgres_bindir()
         if bindir is None:
             raise FileNotFoundError("PostgreSQL server binaries (initdb, pg_ctl) not found")
@@ -200,13 +235,19 @@ class PostgresServer:
             self._as = ["runuser", "-u", "postgres", "--"]
         self.restarts = 0
         self._initialized = False
+        self.bind = bind
+        self.prefix = list(prefix or [])
 
     def url(self, database: str = "postgres") -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+        return f"postgresql+psycopg://postgres@{self.bind}:{self.port}/{database}"
+
+    def socket_url(self, database: str = "postgres") -> str:
+        """The same database through the Unix socket (reachable from any namespace)."""
+        return f"postgresql+psycopg://postgres@/{database}?host={self.folder}&port={self.port}"
 
     def _run(self, *argv: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         result = subprocess.run(
-            [*self._as, *argv], capture_output=True, text=True, timeout=timeout,
+            [*self.prefix, *self._as, *argv], capture_output=True, text=True, timeout=timeout,
             cwd=self.folder, start_new_session=True,
         )
         if result.returncode != 0:
@@ -223,9 +264,12 @@ class PostgresServer:
                 str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres",
                 "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C",
             )
+            if self.bind != "127.0.0.1":  # clients come from the other hosts of the subnet
+                with open(self.data / "pg_hba.conf", "a") as hba:
+                    hba.write("host all all samenet trust\n")
             self._initialized = True
         options = (
-            f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off "
+            f"-p {self.port} -k {self.folder} -c listen_addresses={self.bind} -c fsync=off "
             "-c full_page_writes=off -c max_connections=50"
         )
         self._run(
@@ -240,8 +284,8 @@ class PostgresServer:
 
         try:
             with psycopg.connect(
-                host="127.0.0.1", port=self.port, user="postgres", dbname="postgres",
-                connect_timeout=2,
+                host=str(self.folder) if self.prefix else "127.0.0.1", port=self.port,
+                user="postgres", dbname="postgres", connect_timeout=2,
             ) as conn:
                 conn.execute("SELECT 1")
             return True
@@ -252,7 +296,8 @@ class PostgresServer:
         """``pg_ctl stop -m fast`` (clients disconnected, clean shutdown) or ``immediate``."""
         if (self.data / "postmaster.pid").exists():
             self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
-        _wait(lambda: not port_open(self.port), 30, f"port {self.port} to close")
+        _wait(lambda: not (self.data / "postmaster.pid").exists() if self.prefix
+              else not port_open(self.port), 30, f"port {self.port} to close")
 
     def restart(self, down_s: float = 0.0, mode: str = "fast") -> None:
         self.stop(mode)

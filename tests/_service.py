@@ -115,13 +115,17 @@ def worker_env(
 
 
 class Worker:
-    """A real worker process (``python -m celery -A astronn_dist.worker.service.app worker`` or ``astronn_dist.worker.service.serve``),
-    in its own session so that the test can kill it and its pool as a whole."""
+    """A real worker process (``python -m celery -A astronn_dist.worker.service.app worker`` or ``astronn_dist.worker.service.serve``,
+    or ``argv`` as given, e.g. ``astronn-dist worker`` on another host), in its own session so that
+    the test can kill it and its pool as a whole."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path, *, name: str, serve: bool = False) -> None:
+    def __init__(self, env: Mapping[str, str], log_path: Path, *, name: str, serve: bool = False,
+                 argv: list[str] | None = None) -> None:
         self.log_path = log_path
         self.name = name
-        if serve:
+        if argv is not None:
+            pass
+        elif serve:
             code = (
                 "from astronn_dist.worker.config import Settings; from astronn_dist.worker.service.serve import run_worker; "
                 f"s = Settings.from_env(); run_worker(s, device='cpu', concurrency=1, model=None, "

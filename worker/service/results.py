@@ -66,6 +66,38 @@ SQLITE_BUSY_TIMEOUT_S = 60.0
 """How long a SQLite writer waits for another process's write lock. Write transactions here are
 one chunk's upsert (milliseconds), so a minute only runs out when something is badly stuck."""
 
+DEAD_CLIENT_MAX_S = 60
+"""Longest PostgreSQL takes to end a worker's session whose host went silent (see
+:func:`dead_client_s`)."""
+
+
+def dead_client_s(visibility_timeout_s: float) -> int:
+    """How soon PostgreSQL should end a worker's session whose host no longer answers [s]: half
+    the visibility timeout, at most :data:`DEAD_CLIENT_MAX_S`, at least 3.
+
+    Why: a worker whose host is cut off (or dies) inside its write transaction keeps that
+    transaction's row locks, and the server, waiting for the client's next message, sees no dead
+    peer for as long as TCP allows (its reply unacknowledged: about 15 minutes of retransmissions;
+    acknowledged: two hours until the first keepalive probe). The chunk is delivered to another
+    worker after the visibility timeout, and its write of the same rows would wait on those locks
+    until the first host came back. With a user timeout and keepalive probes on the server's
+    side, the session ends within this time, which releases the locks. (A
+    worker process frozen while its host still answers keeps its session: the other worker's
+    write waits until it resumes or dies.)
+    """
+    return max(3, min(DEAD_CLIENT_MAX_S, int(visibility_timeout_s // 2)))
+
+
+def _dead_client_options(dead_after_s: int) -> str:
+    """Server-side TCP settings (libpq ``options``) that end a silent client's session within
+    about ``dead_after_s`` seconds: ``tcp_user_timeout`` when the server's last reply is still
+    unacknowledged, keepalive probes (the first after half the time) when it is not."""
+    idle = max(1, dead_after_s // 2)
+    interval = max(1, dead_after_s // 10)
+    count = max(1, (dead_after_s - idle) // interval)
+    return (f"-c tcp_user_timeout={dead_after_s * 1000} -c tcp_keepalives_idle={idle} "
+            f"-c tcp_keepalives_interval={interval} -c tcp_keepalives_count={count}")
+
 _SQLITE_BEGIN = "astronn_sqlite_begin"
 """Execution option naming the BEGIN flavour (DEFERRED/IMMEDIATE) of a SQLite transaction."""
 
@@ -241,7 +273,7 @@ def normalize_url(url: str) -> sa.URL:
     return parsed
 
 
-def make_engine(url: str | sa.URL) -> Engine:
+def make_engine(url: str | sa.URL, *, dead_client_s: int | None = None) -> Engine:
     """An engine on the results database (nothing is created: see :func:`migrate`).
 
     SQLite (a file): WAL journal, so readers never block the writer and several processes can
@@ -249,11 +281,16 @@ def make_engine(url: str | sa.URL) -> Engine:
     SQLAlchemy, not the sqlite3 module, emits BEGIN, so DDL is transactional and a transaction
     can take the write lock up front (``BEGIN IMMEDIATE``: :func:`migrate`, :func:`upsert_results`).
     PostgreSQL: psycopg 3, connections checked before use (``pool_pre_ping``), so a restarted
-    server costs a reconnect, not a failed task.
+    server costs a reconnect, not a failed task; with ``dead_client_s`` (the workers', see
+    :func:`dead_client_s`) the server probes a quiet connection and ends the session of a client
+    whose host stopped answering within about that many seconds.
     """
     parsed = normalize_url(str(url) if isinstance(url, str) else url.render_as_string(hide_password=False))
     if parsed.get_backend_name() == "postgresql":
-        return sa.create_engine(parsed, pool_pre_ping=True)
+        connect_args = {}
+        if dead_client_s is not None:
+            connect_args["options"] = _dead_client_options(dead_client_s)
+        return sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
     memory = parsed.database in (None, "", ":memory:") or "mode=memory" in str(parsed)
     engine = sa.create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
 

@@ -93,9 +93,12 @@ class WorkerState:
         """The results database, migrated once per process (retried until it succeeds)."""
         with self._db_lock:
             if self._engine is None:
-                from astronn_dist.worker.service.results import make_engine
+                from astronn_dist.worker.service.results import dead_client_s, make_engine
 
-                self._engine = make_engine(self.settings.database_url)
+                self._engine = make_engine(
+                    self.settings.database_url,
+                    dead_client_s=dead_client_s(self.settings.visibility_timeout_s),
+                )
             if not self._migrated:
                 from astronn_dist.worker.service.results import migrate
 
