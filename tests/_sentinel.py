@@ -28,7 +28,7 @@ class SentinelServer:
     """One ``redis-server --sentinel`` watching ``master`` at ``primary_port``."""
 
     def __init__(self, folder: Path, primary_port: int, *, master: str = MASTER, quorum: int = 2,
-                 down_after_ms: int = 1000, failover_timeout_ms: int = 5000,
+                 down_after_ms: int = 3000, failover_timeout_ms: int = 5000,
                  password: str | None = None, primary_password: str | None = None) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -89,7 +89,7 @@ class SentinelCluster:
 
     def __init__(self, folder: Path, *, replicas: int = 1, sentinels: int = 3,
                  password: str | None = None, sentinel_password: str | None = None,
-                 down_after_ms: int = 1000, failover_timeout_ms: int = 5000) -> None:
+                 down_after_ms: int = 3000, failover_timeout_ms: int = 5000) -> None:
         self.folder = Path(folder)
         auth = ("--masterauth", password) if password else ()
         self.primary = RedisServer(self.folder / "primary", password=password, extra_args=auth)

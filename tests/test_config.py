@@ -71,6 +71,7 @@ def test_sentinel_settings_come_from_the_environment(monkeypatch, tmp_path):
     ("sentinel://a:port", "Port could not be cast"),
     ("sentinel://a:26379?master=x", "unknown option 'master'"),
     ("sentinel://a:26379;sentinel://a:26379", "names a Sentinel twice"),
+    ("sentinel://a:26379/1;sentinel://b:26379/2", "differs from the database 1"),
 ])
 def test_a_bad_sentinel_url_is_refused_clearly(url: str, message: str):
     with pytest.raises(ValueError, match=message) as error:

@@ -135,6 +135,25 @@ def test_engine_urls(tmp_path):
         results.make_engine("mysql://u@h/db")
 
 
+def test_a_workers_dead_client_settings_keep_the_users_own_options(postgres_url: str, monkeypatch):
+    """The worker's server-side TCP settings go beside the options of the URL or of PGOPTIONS:
+    a search_path or statement_timeout given by the operator stays in force on the workers."""
+    monkeypatch.delenv("PGOPTIONS", raising=False)
+    sep = "&" if "?" in postgres_url else "?"
+    cases = [(postgres_url + sep + "options=-c%20statement_timeout%3D4321", None),
+             (postgres_url, "-c statement_timeout=4321")]
+    for url, pgoptions in cases:
+        if pgoptions:
+            monkeypatch.setenv("PGOPTIONS", pgoptions)
+        engine = results.make_engine(url, dead_client_s=10)
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(sa.text("SHOW statement_timeout")).scalar() == "4321ms"
+                assert conn.execute(sa.text("SHOW tcp_user_timeout")).scalar() == "10000"  # ms
+        finally:
+            engine.dispose()
+
+
 def test_sqlite_engine_is_shareable(sqlite_url: str):
     engine = results.make_engine(sqlite_url)
     with engine.connect() as conn:

@@ -189,7 +189,10 @@ def parse_sentinel_url(url: str) -> SentinelURL:
         if path:
             if not path.isdigit():
                 raise ValueError(f"broker URL part {part!r}: the database {path!r} is not a number: {hint}")
-            db = int(path) if db is None else db
+            if db is not None and int(path) != db:
+                raise ValueError(f"broker URL part {part!r}: database {path} differs from the "
+                                 f"database {db} of an earlier part: {hint}")
+            db = int(path)
         for key, values in parse_qs(parts.query, keep_blank_values=True).items():
             if key not in TLS_QUERY_KEYS:
                 raise ValueError(

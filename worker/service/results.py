@@ -26,6 +26,7 @@ safe to call from many worker processes at once.
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -289,7 +290,15 @@ def make_engine(url: str | sa.URL, *, dead_client_s: int | None = None) -> Engin
     if parsed.get_backend_name() == "postgresql":
         connect_args = {}
         if dead_client_s is not None:
-            connect_args["options"] = _dead_client_options(dead_client_s)
+            # Beside the user's own options (the URL's ?options=, else PGOPTIONS), never in
+            # their place: connect_args wins over the URL, and libpq reads PGOPTIONS only when
+            # no options are passed, so a plain assignment would drop a search_path or a
+            # statement_timeout on the workers alone.
+            own = parsed.query.get("options") or os.environ.get("PGOPTIONS")
+            if isinstance(own, tuple):
+                own = " ".join(own)
+            connect_args["options"] = " ".join(
+                filter(None, [own, _dead_client_options(dead_client_s)]))
         return sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
     memory = parsed.database in (None, "", ":memory:") or "mode=memory" in str(parsed)
     engine = sa.create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
