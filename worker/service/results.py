@@ -89,15 +89,35 @@ def dead_client_s(visibility_timeout_s: float) -> int:
     return max(3, min(DEAD_CLIENT_MAX_S, int(visibility_timeout_s // 2)))
 
 
+def _keepalive_timing(dead_after_s: int) -> tuple[int, int, int]:
+    """(idle, interval, count) of keepalive probes that find a silent peer within about
+    ``dead_after_s`` seconds: the first probe after half the time."""
+    idle = max(1, dead_after_s // 2)
+    interval = max(1, dead_after_s // 10)
+    return idle, interval, max(1, (dead_after_s - idle) // interval)
+
+
 def _dead_client_options(dead_after_s: int) -> str:
     """Server-side TCP settings (libpq ``options``) that end a silent client's session within
     about ``dead_after_s`` seconds: ``tcp_user_timeout`` when the server's last reply is still
-    unacknowledged, keepalive probes (the first after half the time) when it is not."""
-    idle = max(1, dead_after_s // 2)
-    interval = max(1, dead_after_s // 10)
-    count = max(1, (dead_after_s - idle) // interval)
+    unacknowledged, keepalive probes when it is not."""
+    idle, interval, count = _keepalive_timing(dead_after_s)
     return (f"-c tcp_user_timeout={dead_after_s * 1000} -c tcp_keepalives_idle={idle} "
             f"-c tcp_keepalives_interval={interval} -c tcp_keepalives_count={count}")
+
+
+def _dead_server_params(dead_after_s: int) -> dict[str, int]:
+    """Keepalive probes on the client's side (libpq connection parameters), from ``dead_after_s``
+    of silence on: a worker waiting for the reply of a server whose session ended while the link
+    was down (its FIN lost, nothing of ours unacknowledged) would otherwise wait forever on a
+    connection the server no longer has; a probe after the link returns meets a reset and the
+    task retries. No client-side ``tcp_user_timeout``: a write sent into a cut link keeps
+    retransmitting until the link returns, rather than failing while the broker is unreachable
+    too."""
+    _, interval, count = _keepalive_timing(dead_after_s)
+    return {"keepalives": 1, "keepalives_idle": dead_after_s, "keepalives_interval": interval,
+            "keepalives_count": count}
+
 
 _SQLITE_BEGIN = "astronn_sqlite_begin"
 """Execution option naming the BEGIN flavour (DEFERRED/IMMEDIATE) of a SQLite transaction."""
@@ -288,8 +308,9 @@ def make_engine(url: str | sa.URL, *, dead_client_s: int | None = None) -> Engin
     """
     parsed = normalize_url(str(url) if isinstance(url, str) else url.render_as_string(hide_password=False))
     if parsed.get_backend_name() == "postgresql":
-        connect_args = {}
+        connect_args: dict[str, Any] = {}
         if dead_client_s is not None:
+            connect_args.update(_dead_server_params(dead_client_s))
             # Beside the user's own options (the URL's ?options=, else PGOPTIONS), never in
             # their place: connect_args wins over the URL, and libpq reads PGOPTIONS only when
             # no options are passed, so a plain assignment would drop a search_path or a
