@@ -479,6 +479,9 @@ def test_a_pickled_message_is_refused_and_the_worker_lives_on(
         ids = [e["spectrum_id"] for e in entries]
         wait_for(lambda: {r["spectrum_id"] for r in rows(sqlite_url)} >= set(ids), 90,
                  "the JSON chunk's rows", worker)
+        # The chunk's log line follows its commit: wait for it rather than race it.
+        wait_for(lambda: f"chunk {good}: 3 spectra" in worker.log(), 60,
+                 "the JSON chunk's log line", worker)
         log = worker.log()
         assert "ContentDisallowed" in log and "application/x-python-serialize" in log
         assert not any(r["spectrum_id"].startswith("pickled-") for r in rows(sqlite_url))
