@@ -8,6 +8,7 @@ ratio is meaningful even on a busy machine (the absolute numbers are not).
     python -m bench.bench_inference                 # batches 1, 32, 256; reference at 1, 32, 256
     python -m bench.bench_inference --quick         # fewer spectra, a rough number in seconds
     python -m bench.bench_inference --device cuda --batches 256 1024
+    python -m bench.bench_inference --device cuda --batches 4096 --max-rows 4096 16384
 
 Weights are random (throughput does not depend on their values); the spectra are synthetic
 normalized fluxes around 1.
@@ -56,14 +57,17 @@ def reference_rate(net: ApogeeDistBCNN, flux: np.ndarray, batch: int, passes: in
 
 
 def predictor_rate(pred: Predictor, flux: np.ndarray, batch: int) -> Row:
+    """The Predictor over ``flux`` in batches of ``batch`` (a GPU's ``max_rows`` noted)."""
     ids = [f"bench-{i}" for i in range(len(flux))]
     _sync(pred.device)
     t0 = time.perf_counter()
     for start in range(0, len(flux), batch):
         pred.predict(flux[start : start + batch], ids[start : start + batch])
     _sync(pred.device)
-    return Row("inference", "astronn_dist.worker.science.inference.Predictor",
-               _conditions(pred.device, batch, pred.mc_passes, pred.threads),
+    conditions = _conditions(pred.device, batch, pred.mc_passes, pred.threads)
+    if pred.device.type == "cuda":
+        conditions += f", max_rows {pred.max_rows}"
+    return Row("inference", "astronn_dist.worker.science.inference.Predictor", conditions,
                len(flux), time.perf_counter() - t0)
 
 
@@ -75,21 +79,25 @@ def _conditions(device: torch.device, batch: int, passes: int, workers: int | No
 
 def run(batches: Sequence[int] = (1, 32, 256), reference_batches: Sequence[int] = (1, 32, 256),
         passes: int = 100, device: str = "auto", threads: int | None = None,
-        min_spectra: int = 256, reference_spectra: int = 128, repeat: int = 2) -> list[Row]:
-    """Measure; each figure is the best of ``repeat`` runs over at least ``min_spectra``."""
+        min_spectra: int = 256, reference_spectra: int = 128, repeat: int = 2,
+        max_rows: Sequence[int | None] = (None,)) -> list[Row]:
+    """Measure; each figure is the best of ``repeat`` runs over at least ``min_spectra``.
+    ``max_rows``: the Predictor's GPU group sizes to measure (None: its default)."""
     dev = resolve_device(device)
     torch.manual_seed(0)
     net = ApogeeDistBCNN().to(dev).eval()
     loaded = LoadedModel(net=net, model_id="bench", path=Path("bench.pt"), device=dev)
-    pred = Predictor(loaded, mc_passes=passes, seed=0, threads=threads)
     rng = np.random.default_rng(0)
     n = max(min_spectra, max(batches), max(reference_batches, default=1))
     flux = 1.0 + 0.05 * rng.standard_normal((n, 7514))
-    pred.predict(flux[:4], ["w0", "w1", "w2", "w3"])  # warm up (threads, buffers, kernels)
     rows = []
-    for b in batches:
-        rows.append(min((predictor_rate(pred, flux[: max(b, min_spectra)], b)
-                         for _ in range(repeat)), key=lambda r: r.seconds))
+    for rows_per_group in max_rows:
+        pred = Predictor(loaded, mc_passes=passes, seed=0, threads=threads, max_rows=rows_per_group)
+        pred.predict(flux[:4], ["w0", "w1", "w2", "w3"])  # warm up (threads, buffers, kernels)
+        for b in batches:
+            rows.append(min((predictor_rate(pred, flux[: max(b, min_spectra)], b)
+                             for _ in range(repeat)), key=lambda r: r.seconds))
+        pred.close()
     for b in reference_batches:
         m = max(b, min(reference_spectra, n))
         rows.append(min((reference_rate(net, flux[:m], b, passes, dev)
@@ -98,7 +106,6 @@ def run(batches: Sequence[int] = (1, 32, 256), reference_batches: Sequence[int] 
         peak = torch.cuda.max_memory_allocated(dev) / 2**20
         for r in rows:
             r.extra = f"peak GPU memory {peak:,.0f} MiB (whole run)"
-    pred.close()
     return rows
 
 
@@ -121,11 +128,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--reference-batches", type=int, nargs="*", default=[1, 32, 256])
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="64 spectra, one run each")
+    parser.add_argument("--max-rows", type=int, nargs="+", default=[None],
+                        help="GPU: the Predictor's spectrum-passes per group, each measured")
     args = parser.parse_args(argv)
     n = 64 if args.quick else 256
     rows = run(args.batches, args.reference_batches, args.passes, args.device, args.threads,
                min_spectra=n, reference_spectra=128 if not args.quick else 32,
-               repeat=1 if args.quick else args.repeat)
+               repeat=1 if args.quick else args.repeat, max_rows=args.max_rows)
     print(format_rows(with_speedup(rows)))
 
 

@@ -354,6 +354,33 @@ def test_cuda_matches_cpu(flux, tmp_path):
     assert abs(rel.mean()) < 0.1 and np.median(np.abs(np.log(full.fakemag_err / ref.fakemag_err))) < 0.1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_rows_of_the_real_files_match_the_cpu_within_mc_noise(apstar_files):
+    """The whole science path (read, normalize, bundled model, 100 passes) on a GPU and on the
+    CPU, for the two real DR17 files, each under 24 ids (24 independent sets of masks): the
+    mean fakemag of a file agrees within Monte-Carlo noise, the uncertainty within 10 %, and
+    everything that does not depend on the masks is equal."""
+    from astronn_dist.worker.api import distances
+    from astronn_dist.worker.science.inference import MASK_RNG_CPU, MASK_RNG_CUDA
+
+    copies = 24
+    paths = [p for p in apstar_files for _ in range(copies)]
+    ids = [f"{p.name}#{i}" for p in apstar_files for i in range(copies)]
+    cpu = distances(paths, spectrum_ids=ids, device="cpu")
+    gpu = distances(paths, spectrum_ids=ids, device="cuda")
+    assert set(cpu["mask_rng"]) == {MASK_RNG_CPU} and set(gpu["mask_rng"]) == {MASK_RNG_CUDA}
+    assert set(gpu["device"]) == {"cuda"} and not any(gpu["error"])
+    for name in ("k_mag", "ebv", "a_k_mag"):
+        np.testing.assert_array_equal(gpu[name], cpu[name])
+    for f in range(len(apstar_files)):
+        rows = slice(f * copies, (f + 1) * copies)
+        c, g = np.asarray(cpu["L_fakemag"][rows]), np.asarray(gpu["L_fakemag"][rows])
+        spread = np.sqrt((c.var(ddof=1) + g.var(ddof=1)) / copies)  # s.d. of the difference
+        assert abs(g.mean() - c.mean()) < 5 * spread, (f, g.mean(), c.mean(), spread)
+        ratio = np.median(np.asarray(gpu["L_fakemag_err"][rows]) / np.asarray(cpu["L_fakemag_err"][rows]))
+        assert abs(np.log(ratio)) < 0.1, (f, ratio)
+
+
 @pytest.mark.parametrize("passes", [2, 20, 100])
 def test_numbers_do_not_depend_on_the_batch_nor_the_threads(model, flux, passes: int):
     """A spectrum alone or in a batch, with 1-3 worker threads, under 1 or 2 torch threads:

@@ -78,10 +78,12 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def gpu_count(timeout_s: float = 120.0) -> int:
+def gpu_count(timeout_s: float = 120.0, *, probe: bool = False) -> int:
     """Number of CUDA devices torch sees, asked in a subprocess so this process never initializes
-    CUDA (it will fork the pool). 0 when torch has no CUDA or the probe fails."""
-    if not (glob.glob("/dev/nvidia[0-9]*") or any(map(os.path.exists, ("/dev/kfd", "/dev/dxg")))):
+    CUDA (it will fork the pool). 0 when torch has no CUDA or the probe fails. Without a GPU
+    device node the answer is 0 at once, unless ``probe`` (CUDA asked for by name: a sandbox
+    may expose the GPU without the usual nodes, and torch is then the one to ask)."""
+    if not probe and not (glob.glob("/dev/nvidia[0-9]*") or any(map(os.path.exists, ("/dev/kfd", "/dev/dxg")))):
         return 0  # no GPU device node (NVIDIA, ROCm's, WSL2's): skip the 2-3 s torch import
     probe = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
     try:
@@ -142,7 +144,7 @@ def plan_here(device: str | None, concurrency: int | None) -> WorkerPlan:
     """:func:`plan_worker` for this machine: its usable cores, and its GPUs when the spec may
     use one (counted in a subprocess)."""
     spec = check_spec(device)
-    n_gpus = gpu_count() if spec == "auto" or spec.startswith("cuda") else 0
+    n_gpus = gpu_count(probe=spec.startswith("cuda")) if spec == "auto" or spec.startswith("cuda") else 0
     return plan_worker(spec, concurrency, n_gpus=n_gpus, cores=usable_cores())
 
 
