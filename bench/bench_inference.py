@@ -71,6 +71,38 @@ def predictor_rate(pred: Predictor, flux: np.ndarray, batch: int) -> Row:
                len(flux), time.perf_counter() - t0)
 
 
+def unit_phases(pred: Predictor, flux: np.ndarray, repeat: int = 20) -> list[Row]:
+    """Where one unit's time goes: drawing its spectra's random numbers, and its forward from
+    conv2 on, each run ``repeat`` times alone and synchronized; the note gives the host's time
+    to queue the work (on a GPU, the launches) beside the time until it is done."""
+    first = pred.first_layer(flux)
+    unit = pred.schedule.units(len(flux), pred.threads)[0]
+    seeds = [i + 1 for i in range(len(flux))]
+    with torch.inference_mode():
+        spectra, randoms = pred._unit_inputs(first.conv1_out, seeds, unit)
+        (p0, p1), n = unit.parts[0], unit.stop - unit.start
+        phases = {
+            "draws": lambda: pred._unit_inputs(first.conv1_out, seeds, unit),
+            "forward": lambda: pred._mc_forward(spectra, *(r[:, p0:p1] for r in randoms),
+                                                pass_tile=pred.schedule.pass_tile),
+        }
+        rows = []
+        for name, phase in phases.items():
+            phase()
+            _sync(pred.device)
+            t0 = time.perf_counter()
+            for _ in range(repeat):
+                phase()
+            queued = time.perf_counter() - t0
+            _sync(pred.device)
+            seconds = time.perf_counter() - t0
+            rows.append(Row("unit", f"{name} of one unit ({n} spectra x {p1 - p0} passes)",
+                            _conditions(pred.device, n, p1 - p0), n * repeat, seconds,
+                            f"{seconds / repeat * 1e3:.2f} ms a unit, "
+                            f"{queued / repeat * 1e3:.2f} ms of it to queue"))
+    return rows
+
+
 def _conditions(device: torch.device, batch: int, passes: int, workers: int | None = None) -> str:
     threads = f"{torch.get_num_threads()} torch threads" + (
         f", {workers} CPU workers" if workers and device.type == "cpu" else "")
@@ -80,9 +112,10 @@ def _conditions(device: torch.device, batch: int, passes: int, workers: int | No
 def run(batches: Sequence[int] = (1, 32, 256), reference_batches: Sequence[int] = (1, 32, 256),
         passes: int = 100, device: str = "auto", threads: int | None = None,
         min_spectra: int = 256, reference_spectra: int = 128, repeat: int = 2,
-        max_rows: Sequence[int | None] = (None,)) -> list[Row]:
+        max_rows: Sequence[int | None] = (None,), phases: bool = False) -> list[Row]:
     """Measure; each figure is the best of ``repeat`` runs over at least ``min_spectra``.
-    ``max_rows``: the Predictor's GPU group sizes to measure (None: its default)."""
+    ``max_rows``: the Predictor's GPU group sizes to measure (None: its default); ``phases``:
+    add :func:`unit_phases` for each."""
     dev = resolve_device(device)
     torch.manual_seed(0)
     net = ApogeeDistBCNN().to(dev).eval()
@@ -97,6 +130,8 @@ def run(batches: Sequence[int] = (1, 32, 256), reference_batches: Sequence[int] 
         for b in batches:
             rows.append(min((predictor_rate(pred, flux[: max(b, min_spectra)], b)
                              for _ in range(repeat)), key=lambda r: r.seconds))
+        if phases:
+            rows += unit_phases(pred, flux[: pred.schedule.group])
         pred.close()
     for b in reference_batches:
         m = max(b, min(reference_spectra, n))
@@ -105,7 +140,7 @@ def run(batches: Sequence[int] = (1, 32, 256), reference_batches: Sequence[int] 
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) / 2**20
         for r in rows:
-            r.extra = f"peak GPU memory {peak:,.0f} MiB (whole run)"
+            r.extra = "; ".join(filter(None, [r.extra, f"peak GPU memory {peak:,.0f} MiB (whole run)"]))
     return rows
 
 
@@ -113,7 +148,7 @@ def with_speedup(rows: list[Row]) -> list[Row]:
     """Note on each Predictor row its ratio to the best reference batch size."""
     best = max((r.rate for r in rows if r.method.startswith("reference")), default=float("nan"))
     for r in rows:
-        if not r.method.startswith("reference"):
+        if r.section == "inference" and not r.method.startswith("reference") and best == best:
             r.extra = "; ".join(filter(None, [f"{r.rate / best:.1f}x the best reference", r.extra]))
     return rows
 
@@ -130,11 +165,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="64 spectra, one run each")
     parser.add_argument("--max-rows", type=int, nargs="+", default=[None],
                         help="GPU: the Predictor's spectrum-passes per group, each measured")
+    parser.add_argument("--phases", action="store_true",
+                        help="also time a unit's draws and forward apart (unit_phases)")
     args = parser.parse_args(argv)
     n = 64 if args.quick else 256
     rows = run(args.batches, args.reference_batches, args.passes, args.device, args.threads,
                min_spectra=n, reference_spectra=128 if not args.quick else 32,
-               repeat=1 if args.quick else args.repeat, max_rows=args.max_rows)
+               repeat=1 if args.quick else args.repeat, max_rows=args.max_rows,
+               phases=args.phases)
     print(format_rows(with_speedup(rows)))
 
 

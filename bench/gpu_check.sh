@@ -60,7 +60,7 @@ echo "## 2. preparation per core (this machine's CPU)"
 echo "## 3. inference bench (100 MC passes)"
 # shellcheck disable=SC2086
 "$py" -m bench.bench_inference --device "$device" --batches $batches --reference-batches 256 \
-  --repeat 1 --max-rows $max_rows || status=1
+  --repeat 1 --max-rows $max_rows --phases || status=1
 
 echo "## 4. run end to end: $spectra spectra from $files synthetic files"
 "$py" - "$work" "$files" "$spectra" <<'EOF'

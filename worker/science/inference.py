@@ -466,9 +466,15 @@ class Predictor:
             jobs = [pool.submit(self._run_unit, conv1_out, seeds, u, out, log_var) for u in units]
             for job in jobs:
                 job.result()  # re-raises a worker's exception here
-        else:  # one GPU stream: the units go one after the other, each a set of kernels
+        else:
+            # One GPU stream: the units go one after the other, each a set of kernels, and
+            # their results stay on the GPU until the last: no unit waits for the one before
+            # (a copy to the host per unit held the launches of the next one back).
+            out_dev = torch.empty(out.shape, dtype=torch.float32, device=self.device)
+            log_var_dev = torch.empty_like(out_dev)
             for unit in units:
-                self._run_unit(conv1_out, seeds, unit, out, log_var)
+                self._run_unit(conv1_out, seeds, unit, out_dev, log_var_dev)
+            out[:], log_var[:] = out_dev.cpu().numpy(), log_var_dev.cpu().numpy()
         return out, log_var
 
     def close(self) -> None:
@@ -568,16 +574,19 @@ class Predictor:
     # -- one unit of work (either device) -------------------------------------------------------
 
     def _run_unit(self, conv1_out: torch.Tensor, seeds: list[int], unit: WorkUnit,
-                  out: np.ndarray, log_var: np.ndarray) -> None:
-        """One unit: draw its spectra's random numbers, then run its pass parts."""
+                  out: np.ndarray | torch.Tensor, log_var: np.ndarray | torch.Tensor) -> None:
+        """One unit: draw its spectra's random numbers, then run its pass parts. ``out`` and
+        ``log_var``: host arrays (CPU), or tensors on the unit's device (GPU)."""
         with torch.inference_mode():  # grad mode is per thread: set it in the worker
             spectra, randoms = self._unit_inputs(conv1_out, seeds, unit)
             real = unit.stop - unit.start
             for p0, p1 in unit.parts:
                 tiles = (r[:, p0:p1] for r in randoms)
                 o, lv = self._mc_forward(spectra, *tiles, pass_tile=self.schedule.pass_tile)
-                out[unit.start : unit.stop, p0:p1] = o[:real].cpu().numpy()
-                log_var[unit.start : unit.stop, p0:p1] = lv[:real].cpu().numpy()
+                if isinstance(out, np.ndarray):
+                    o, lv = o.cpu().numpy(), lv.cpu().numpy()
+                out[unit.start : unit.stop, p0:p1] = o[:real]
+                log_var[unit.start : unit.stop, p0:p1] = lv[:real]
 
     def _unit_inputs(self, conv1_out: torch.Tensor, seeds: list[int], unit: WorkUnit
                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
