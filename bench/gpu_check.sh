@@ -7,10 +7,12 @@
 #      each --max-rows (the Predictor's spectrum-passes per GPU group);
 #   4. `astronn-dist run` end to end on --spectra spectra (--files synthetic apStar files, each
 #      listed many times in a catalog under distinct spectrum_ids), once per --processes entry
-#      ("default": the worker's plan), sampling the GPU's utilization and memory while it runs.
+#      ("default": the worker's plan; "N@P": N processes at P MC passes, e.g. "16@2" to see what
+#      the cores and the database give when inference is almost free; else 100 passes),
+#      sampling the GPU's utilization and memory while it runs.
 #
 #   bash bench/gpu_check.sh                         # on the GPU machine (expects .venv)
-#   bash bench/gpu_check.sh --spectra 60000 --processes "default 8 16"
+#   bash bench/gpu_check.sh --spectra 60000 --processes "default 8 16@2"
 #   bash bench/gpu_check.sh --device cpu --spectra 2000 --files 50 --batches "32"   # on a CPU
 #
 # PYTHON names the interpreter (default .venv/bin/python); the CLI runs as `$PYTHON -m`.
@@ -77,10 +79,12 @@ with open(work / "many.csv", "w", newline="") as fh:
         out.writerow([f"apstar/{paths[i % len(paths)]}", f"copy-{i:07d}"])
 print(f"catalog {work / 'many.csv'}: {n_spectra} rows over {len(paths)} files")
 EOF
-for n in $processes; do
-  opt=()
+for entry in $processes; do
+  n=${entry%@*} passes=100 opt=()
+  if [ "$entry" != "$n" ]; then passes=${entry#*@}; fi
   if [ "$n" != default ]; then opt=(--processes "$n"); fi
-  echo "### run, processes: $n"
+  n=$n-$passes
+  echo "### run, processes: ${n%-*}, $passes MC passes"
   if has_smi; then
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 250 \
       > "$work/smi-$n.log" &
@@ -88,7 +92,7 @@ for n in $processes; do
   fi
   start=$(date +%s.%N)
   "$py" -m astronn_dist.producer.cli run --catalog "$work/many.csv" \
-    --db "sqlite:///$work/run-$n.sqlite" --device "$device" --mc-passes 100 --chunk-size 256 \
+    --db "sqlite:///$work/run-$n.sqlite" --device "$device" --mc-passes "$passes" --chunk-size 256 \
     "${opt[@]}" > "$work/run-$n.out" 2>&1 || { status=1; cat "$work/run-$n.out"; }
   end=$(date +%s.%N)
   grep -E "process|spectra/s" "$work/run-$n.out" | grep -v "^│" | tail -n 6 || true

@@ -350,7 +350,7 @@ def run(
     processes: Annotated[
         Optional[int],
         typer.Option(min=1, help="Processes, as a worker's pool (default: one per core, at most "
-                     "8 on the CPU or 4 per GPU; a job of one chunk runs in this process)."),
+                     f"{MAX_CPU_PROCESSES} on the CPU or {MAX_PROCESSES_PER_GPU} per GPU; a job of one chunk runs in this process)."),
     ] = None,
 ) -> None:
     """Process spectra here and now, with no server (results in a SQLite file by default).
@@ -574,7 +574,7 @@ def worker(
         typer.Option(
             min=1,
             help=f"Pool processes (default: one per core, at most {MAX_CPU_PROCESSES} on the CPU "
-            f"or {MAX_PROCESSES_PER_GPU} per GPU).",
+            f"or {MAX_PROCESSES_PER_GPU} per GPU, fewer on a GPU of little memory).",
         ),
     ] = None,
     model: ModelOpt = None,

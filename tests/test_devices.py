@@ -64,16 +64,22 @@ def test_plan_worker() -> None:
     assert plan_worker("cpu", None, n_gpus=0, cores=1).concurrency == 1
     assert plan_worker("cpu", 4, n_gpus=2, cores=16).threads_per_process == 4
     assert plan_worker("cpu", 32, n_gpus=0, cores=16).threads_per_process == 1
-    # GPUs: the cores prepare, several processes per GPU share it (one per core, at most 4).
+    # GPUs: the cores prepare, several processes per GPU share it (one per core, at most 16,
+    # and GPU_GIB_PER_PROCESS of the smallest GPU's memory each).
     gpus = plan_worker("auto", None, n_gpus=4, cores=16)
     assert (gpus.device, gpus.concurrency, gpus.threads_per_process) == (
         "cuda:0,cuda:1,cuda:2,cuda:3", 16, 1
     )
-    h200 = plan_worker("auto", None, n_gpus=1, cores=16)
-    assert (h200.device, h200.concurrency, h200.threads_per_process) == ("cuda:0", 4, 4)
+    h200 = plan_worker("auto", None, n_gpus=1, cores=16, gpu_gib=139.8)
+    assert (h200.device, h200.concurrency, h200.threads_per_process) == ("cuda:0", 16, 1)
+    assert plan_worker("auto", None, n_gpus=1, cores=64, gpu_gib=139.8).concurrency == 16
+    small = plan_worker("cuda", None, n_gpus=2, cores=32, gpu_gib=16.0)  # 5 per 16 GiB GPU
+    assert (small.concurrency, small.threads_per_process) == (10, 3)
+    assert plan_worker("cuda", None, n_gpus=1, cores=8, gpu_gib=2.0).concurrency == 1
     assert plan_worker("cuda", 3, n_gpus=2, cores=16).concurrency == 3
     one = plan_worker("cuda:1", None, n_gpus=2, cores=8)
-    assert (one.device, one.concurrency) == ("cuda:1", 4)
+    assert (one.device, one.concurrency) == ("cuda:1", 8)
+    assert plan_worker("cuda:1", None, n_gpus=2, cores=8, gpu_gib=16.0).concurrency == 5
     with pytest.raises(ValueError, match="no CUDA device is visible"):
         plan_worker("cuda", None, n_gpus=0, cores=4)
     with pytest.raises(ValueError, match="only 2 CUDA device"):

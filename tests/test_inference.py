@@ -336,19 +336,26 @@ def test_input_validation(model, flux):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_cpu(flux, tmp_path):
-    """On a GPU: dropout off gives the CPU numbers; with dropout, the same statistics, and
-    per-spectrum reproducibility across batches."""
-    path = save_checkpoint(_net(dropout_rate=0.0), tmp_path / "p0.pt")
-    cpu = Predictor(load_model(path), mc_passes=3).predict(flux[:8], list("abcdefgh"))
-    gpu = Predictor(load_model(path, "cuda"), mc_passes=3).predict(flux[:8], list("abcdefgh"))
-    np.testing.assert_allclose(gpu.fakemag, cpu.fakemag, rtol=1e-5)
-    np.testing.assert_allclose(gpu.fakemag_err, cpu.fakemag_err, rtol=1e-5)
+    """On a GPU: the same random numbers give the CPU's numbers (to float32 rounding: every
+    kernel of the GPU's path against the CPU's); its own masks give the same statistics; and
+    a spectrum keeps its numbers in any batch."""
     path = save_checkpoint(_net(), tmp_path / "p3.pt")
+    cpu_pred, gpu_pred = Predictor(load_model(path), mc_passes=3), Predictor(load_model(path, "cuda"), mc_passes=3)
+    seeds = [spectrum_seed(0, s) for s in "abcdefgh"]
+    drawn = [draw_random16(s, 3, cpu_pred.layout) for s in seeds]
+    randoms = [torch.stack(r) for r in zip(*drawn)]  # (8, 3, width) each, drawn on the CPU
+    with torch.inference_mode():
+        cpu = cpu_pred._mc_forward(cpu_pred.first_layer(flux[:8]).conv1_out, *randoms, pass_tile=3)
+        gpu = gpu_pred._mc_forward(gpu_pred.first_layer(flux[:8]).conv1_out,
+                                   *(r.to(gpu_pred.device) for r in randoms), pass_tile=3)
+    for c, g in zip(cpu, gpu):
+        np.testing.assert_allclose(g.cpu().numpy(), c.numpy(), rtol=1e-4, atol=1e-5)
     ids = [f"c{i}" for i in range(len(flux))]
     pred = Predictor(load_model(path, "cuda"), mc_passes=100, seed=0, max_rows=1000)
     full = pred.predict(flux, ids)
     part = pred.predict(flux[[7, 3]], [ids[7], ids[3]])
-    np.testing.assert_allclose(part.fakemag, full.fakemag[[7, 3]], rtol=1e-5)
+    # the same masks; cuBLAS may pick another kernel for another row count (last-bit changes)
+    np.testing.assert_allclose(part.fakemag, full.fakemag[[7, 3]], rtol=1e-4)
     ref = Predictor(load_model(path), mc_passes=100, seed=0).predict(flux, ids)
     rel = (full.fakemag - ref.fakemag) / ref.fakemag_err
     assert abs(rel.mean()) < 0.1 and np.median(np.abs(np.log(full.fakemag_err / ref.fakemag_err))) < 0.1

@@ -5,7 +5,7 @@ A device spec is ``auto`` (CUDA when there is a GPU, else the CPU), ``cpu``, ``c
 GPU) or ``cuda:N``. The worker (``astronn-dist worker``), ``astronn-dist run`` and the Python
 API all go through here. Importing this module never imports torch: the planning parent of a
 worker must not touch CUDA (a CUDA context does not survive fork), so it counts GPUs in a
-subprocess (:func:`gpu_count`); only :func:`resolve_device` and :func:`device_of_process`, which
+subprocess (:func:`probe_gpus`); only :func:`resolve_device` and :func:`device_of_process`, which
 run where the model will live, import torch.
 """
 
@@ -25,7 +25,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_PROCESSES_PER_GPU = 4  # each holds a CUDA context and a batch (~2 GB of GPU memory)
+# GPU processes: one per core, because each prepares its own chunks on its core while the GPU
+# infers (on an H200 with 16 cores, `run` end to end at 100 passes: 4 processes 4,900
+# spectra/s, 8 8,100, 16 10,800; BENCHMARKS.md, 2026-12-04). Each holds a CUDA context and its
+# units (~2 GB measured at 16 processes), so a GPU with less memory takes fewer.
+MAX_PROCESSES_PER_GPU = 16
+GPU_GIB_PER_PROCESS = 3.0
 MAX_CPU_PROCESSES = 8  # default CPU pool size cap (each process holds a model: ~0.4 GB)
 
 _SPEC = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -78,23 +83,28 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def gpu_count(timeout_s: float = 120.0, *, probe: bool = False) -> int:
-    """Number of CUDA devices torch sees, asked in a subprocess so this process never initializes
-    CUDA (it will fork the pool). 0 when torch has no CUDA or the probe fails. Without a GPU
-    device node the answer is 0 at once, unless ``probe`` (CUDA asked for by name: a sandbox
-    may expose the GPU without the usual nodes, and torch is then the one to ask)."""
+def probe_gpus(timeout_s: float = 120.0, *, probe: bool = False) -> tuple[int, float | None]:
+    """(number of CUDA devices torch sees, the smallest one's memory in GiB), asked in a
+    subprocess so this process never initializes CUDA (it will fork the pool). (0, None) when
+    torch has no CUDA or the probe fails. Without a GPU device node the answer is (0, None) at
+    once, unless ``probe`` (CUDA asked for by name: a sandbox may expose the GPU without the
+    usual nodes, and torch is then the one to ask)."""
     if not probe and not (glob.glob("/dev/nvidia[0-9]*") or any(map(os.path.exists, ("/dev/kfd", "/dev/dxg")))):
-        return 0  # no GPU device node (NVIDIA, ROCm's, WSL2's): skip the 2-3 s torch import
-    probe = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+        return 0, None  # no GPU device node (NVIDIA, ROCm's, WSL2's): skip the 2-3 s torch import
+    code = ("import torch\n"
+            "n = torch.cuda.device_count() if torch.cuda.is_available() else 0\n"
+            "print(n, min((torch.cuda.get_device_properties(i).total_memory for i in range(n)),"
+            " default=0) / 2**30)")
     try:
         out = subprocess.run(
-            [sys.executable, "-c", probe],
+            [sys.executable, "-c", code],
             capture_output=True, text=True, timeout=timeout_s, check=True,
         )
-        return int(out.stdout.strip().splitlines()[-1])
+        count, gib = out.stdout.strip().splitlines()[-1].split()
+        return int(count), (float(gib) if int(count) else None)
     except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
         log.warning("could not count CUDA devices (%s); assuming none", exc)
-        return 0
+        return 0, None
 
 
 @dataclass(frozen=True)
@@ -107,9 +117,11 @@ class WorkerPlan:
     threads_per_process: int
 
 
-def plan_worker(device: str, concurrency: int | None, *, n_gpus: int, cores: int) -> WorkerPlan:
+def plan_worker(device: str, concurrency: int | None, *, n_gpus: int, cores: int,
+                gpu_gib: float | None = None) -> WorkerPlan:
     """Choose device assignment, process count and threads (pure; see
-    :mod:`astronn_dist.worker.service.serve` for why one process per core).
+    :mod:`astronn_dist.worker.service.serve` for why one process per core). ``gpu_gib``: the
+    smallest GPU's memory, which bounds the processes per GPU (GPU_GIB_PER_PROCESS each).
 
     Raises:
         ValueError: not a device spec, a CUDA device asked for that is not there, or
@@ -120,10 +132,13 @@ def plan_worker(device: str, concurrency: int | None, *, n_gpus: int, cores: int
     spec = check_spec(device)
     if spec == "auto":
         spec = "cuda" if n_gpus > 0 else "cpu"
+    per_gpu = MAX_PROCESSES_PER_GPU
+    if gpu_gib is not None:
+        per_gpu = max(1, min(per_gpu, int(gpu_gib // GPU_GIB_PER_PROCESS)))
     if spec == "cuda":
         if n_gpus < 1:
             raise ValueError("--device cuda: no CUDA device is visible (use --device cpu or auto)")
-        n = concurrency or n_gpus * max(1, min(cores // n_gpus, MAX_PROCESSES_PER_GPU))
+        n = concurrency or n_gpus * max(1, min(cores // n_gpus, per_gpu))
         devices = ",".join(f"cuda:{i}" for i in range(n_gpus))
         return WorkerPlan(devices, n, max(1, cores // n))
     if spec.startswith("cuda:"):
@@ -134,7 +149,7 @@ def plan_worker(device: str, concurrency: int | None, *, n_gpus: int, cores: int
                 f"(cuda:0..cuda:{n_gpus - 1})"
                 if n_gpus else f"--device {device}: no CUDA device is visible"
             )
-        n = concurrency or max(1, min(cores, MAX_PROCESSES_PER_GPU))
+        n = concurrency or max(1, min(cores, per_gpu))
         return WorkerPlan(spec, n, max(1, cores // n))
     n = concurrency or max(1, min(cores, MAX_CPU_PROCESSES))
     return WorkerPlan(spec, n, max(1, cores // n))
@@ -144,8 +159,10 @@ def plan_here(device: str | None, concurrency: int | None) -> WorkerPlan:
     """:func:`plan_worker` for this machine: its usable cores, and its GPUs when the spec may
     use one (counted in a subprocess)."""
     spec = check_spec(device)
-    n_gpus = gpu_count(probe=spec.startswith("cuda")) if spec == "auto" or spec.startswith("cuda") else 0
-    return plan_worker(spec, concurrency, n_gpus=n_gpus, cores=usable_cores())
+    n_gpus, gpu_gib = 0, None
+    if spec == "auto" or spec.startswith("cuda"):
+        n_gpus, gpu_gib = probe_gpus(probe=spec.startswith("cuda"))
+    return plan_worker(spec, concurrency, n_gpus=n_gpus, cores=usable_cores(), gpu_gib=gpu_gib)
 
 
 # --------------------------------------------------------------------------------------- assign

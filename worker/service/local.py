@@ -1,6 +1,6 @@
 """The main job with no broker: ``astronn-dist run`` spreads chunks over processes as a worker does.
 
-A worker's pool is one process per core on the CPU (one torch thread each) or one per GPU
+A worker's pool is one process per core on the CPU (one torch thread each) or several per GPU
 (:func:`astronn_dist.worker.devices.plan_worker`), because one process's reading, normalization and database
 writes hold its GIL while its inference threads wait. ``run`` uses the same plan: each process
 loads the model once, takes chunks from the parent and writes their rows itself through
