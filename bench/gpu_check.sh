@@ -14,6 +14,7 @@
 #   bash bench/gpu_check.sh                         # on the GPU machine (expects .venv)
 #   bash bench/gpu_check.sh --spectra 60000 --processes "default 8 16@2"
 #   bash bench/gpu_check.sh --device cpu --spectra 2000 --files 50 --batches "32"   # on a CPU
+#   bash bench/gpu_check.sh --runs-only --chunk-size 1000   # step 4 alone, 1000 spectra a chunk
 #
 # PYTHON names the interpreter (default .venv/bin/python); the CLI runs as `$PYTHON -m`.
 # Prints Markdown tables and the figures; exits non-zero when a check fails.
@@ -25,6 +26,8 @@ files=300
 batches="256 1024 4096"
 max_rows="4096"
 processes="default"
+chunk=256
+runs_only=
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) device="$2"; shift 2 ;;
@@ -33,7 +36,10 @@ while [ $# -gt 0 ]; do
     --batches) batches="$2"; shift 2 ;;
     --max-rows) max_rows="$2"; shift 2 ;;
     --processes) processes="$2"; shift 2 ;;
-    *) echo "unknown option $1 (use --device, --spectra, --files, --batches, --max-rows, --processes)" >&2
+    --chunk-size) chunk="$2"; shift 2 ;;
+    --runs-only) runs_only=1; shift ;;
+    *) echo "unknown option $1 (use --device, --spectra, --files, --batches, --max-rows, --processes," \
+            "--chunk-size, --runs-only)" >&2
        exit 2 ;;
   esac
 done
@@ -49,6 +55,7 @@ grep -m1 "model name" /proc/cpuinfo || true
 "$py" -c "import os, torch; print(f'{len(os.sched_getaffinity(0))} usable cores, torch {torch.__version__}, CUDA {torch.version.cuda}, GPUs: {[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}')"
 if has_smi; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; fi
 
+if [ -z "$runs_only" ]; then
 echo "## 1. CUDA tests"
 if [ "$device" = "cpu" ]; then
   echo "(device cpu: the CUDA tests need a GPU; the schedule's tests run on the CPU instead)"
@@ -64,7 +71,8 @@ echo "## 3. inference bench (100 MC passes)"
 "$py" -m bench.bench_inference --device "$device" --batches $batches --reference-batches 256 \
   --repeat 1 --max-rows $max_rows --phases || status=1
 
-echo "## 4. run end to end: $spectra spectra from $files synthetic files"
+fi
+echo "## 4. run end to end: $spectra spectra from $files synthetic files, chunks of $chunk"
 "$py" - "$work" "$files" "$spectra" <<'EOF'
 import csv, sys
 from pathlib import Path
@@ -92,7 +100,7 @@ for entry in $processes; do
   fi
   start=$(date +%s.%N)
   "$py" -m astronn_dist.producer.cli run --catalog "$work/many.csv" \
-    --db "sqlite:///$work/run-$n.sqlite" --device "$device" --mc-passes "$passes" --chunk-size 256 \
+    --db "sqlite:///$work/run-$n.sqlite" --device "$device" --mc-passes "$passes" --chunk-size "$chunk" \
     "${opt[@]}" > "$work/run-$n.out" 2>&1 || { status=1; cat "$work/run-$n.out"; }
   end=$(date +%s.%N)
   grep -E "process|spectra/s" "$work/run-$n.out" | grep -v "^│" | tail -n 6 || true
