@@ -410,6 +410,17 @@ def test_numbers_do_not_depend_on_the_batch_nor_the_threads(model, flux, passes:
         np.testing.assert_array_equal(other, seen[0])
 
 
+def test_warm_up_changes_no_numbers(model, flux):
+    """A warmed-up predictor (worker threads, buffers, first calls done) gives the same bits."""
+    ids = [f"w{i}" for i in range(5)]
+    cold = Predictor(model, mc_passes=20, seed=3, threads=2)
+    warm = Predictor(model, mc_passes=20, seed=3, threads=2)
+    warm.warm_up()
+    for a, b in zip(cold.sample(flux[:5], ids), warm.sample(flux[:5], ids)):
+        np.testing.assert_array_equal(a, b)
+    cold.close(), warm.close()
+
+
 def test_first_layer_from_another_thread_gives_the_same_bits(model, flux):
     """The pipeline computes the first layer (conv1) in its preparing thread, under that
     thread's torch settings: element-wise work, so the same bits as the flux given directly,

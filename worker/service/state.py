@@ -52,7 +52,9 @@ def load_predictor(settings: Settings, device_spec: str, index: int,
     from astronn_dist.worker.science.model import load_model
 
     loaded = load_model(settings.model_path, device=device_of_process(device_spec, index))
-    return Predictor(loaded, mc_passes=settings.mc_passes, seed=settings.seed, threads=threads)
+    predictor = Predictor(loaded, mc_passes=settings.mc_passes, seed=settings.seed, threads=threads)
+    predictor.warm_up()
+    return predictor
 
 
 class WorkerState:
