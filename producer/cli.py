@@ -343,7 +343,11 @@ def run(
     device: DeviceOpt = None,
     mc_passes: McPassesOpt = None,
     seed: SeedOpt = None,
-    chunk_size: ChunkOpt = DEFAULT_CHUNK_SIZE,
+    chunk_size: Annotated[
+        Optional[int],
+        typer.Option("--chunk-size", min=1, max=1000,
+                     help="Spectra per batch (default: about 4 batches per process, 128 to 512 each)."),
+    ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Process again the spectra that already have a row.")
     ] = False,
@@ -438,7 +442,7 @@ def _run_problem(n_todo: int, this_run: Sequence[dict[str, Any]]) -> str | None:
 
 
 def _process_here(
-    todo: Sequence[SpectrumRequest], settings: Settings, chunk_size: int, processes: int | None,
+    todo: Sequence[SpectrumRequest], settings: Settings, chunk_size: int | None, processes: int | None,
     engine: Engine,
 ) -> float:
     """Run the chunks through the task body in processes planned as a worker's pool

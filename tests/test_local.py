@@ -13,7 +13,7 @@ import pytest
 
 from _service import build_checkpoint, rows, run_cli, spectra_farm  # tests/ is on sys.path
 from astronn_dist.worker.config import Settings
-from astronn_dist.worker.service.local import plan_local, run_local
+from astronn_dist.worker.service.local import batch_size, plan_local, run_local
 from astronn_dist.worker.science.pipeline import SpectrumRequest, process_batch
 from astronn_dist.worker.service.results import migrate
 from astronn_dist.worker.devices import WorkerPlan
@@ -137,3 +137,11 @@ def test_run_on_an_in_memory_database(capsys: pytest.CaptureFixture, model: Path
     code, out, err = run_cli(capsys, "run", *map(str, apstar_files), "--model", str(model),
                              "--db", "sqlite://", "--mc-passes", "2")
     assert code == 0 and "2 spectra processed in this run" in out, out + err
+
+
+def test_batch_size_gives_each_process_about_four_batches_of_128_to_512():
+    assert batch_size(2000, 2) == 250  # 8 batches
+    assert batch_size(100, 2) == 128  # a small job: one batch of at least 128
+    assert batch_size(0, 1) == 128
+    assert batch_size(10**6, 16) == batch_size(10**6, 0) == 512  # a survey: the largest
+    assert batch_size(5000, 4) == 313
