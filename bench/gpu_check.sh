@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks, in one short script for a lent GPU machine (about 5 minutes on one GPU):
+# The GPU checks, in one short script for a lent GPU machine (about 2 minutes on an H200):
 #   1. the CUDA tests (GPU against CPU: the real DR17 files within Monte-Carlo noise, and the
 #      schedule's tests);
 #   2. preparation per core on this machine's CPU (bench_prepare: what one process can feed);
@@ -26,7 +26,7 @@ files=300
 batches="256 1024 4096"
 max_rows="4096"
 processes="default"
-chunk=256
+chunk=
 runs_only=
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -72,7 +72,7 @@ echo "## 3. inference bench (100 MC passes)"
   --repeat 1 --max-rows $max_rows --phases || status=1
 
 fi
-echo "## 4. run end to end: $spectra spectra from $files synthetic files, chunks of $chunk"
+echo "## 4. run end to end: $spectra spectra from $files synthetic files, chunks of ${chunk:-the default size}"
 "$py" - "$work" "$files" "$spectra" <<'EOF'
 import csv, sys
 from pathlib import Path
@@ -91,6 +91,7 @@ for entry in $processes; do
   n=${entry%@*} passes=100 opt=()
   if [ "$entry" != "$n" ]; then passes=${entry#*@}; fi
   if [ "$n" != default ]; then opt=(--processes "$n"); fi
+  if [ -n "$chunk" ]; then opt+=(--chunk-size "$chunk"); fi
   n=$n-$passes
   echo "### run, processes: ${n%-*}, $passes MC passes"
   if has_smi; then
@@ -100,8 +101,8 @@ for entry in $processes; do
   fi
   start=$(date +%s.%N)
   "$py" -m astronn_dist.producer.cli run --catalog "$work/many.csv" \
-    --db "sqlite:///$work/run-$n.sqlite" --device "$device" --mc-passes "$passes" --chunk-size "$chunk" \
-    "${opt[@]}" > "$work/run-$n.out" 2>&1 || { status=1; cat "$work/run-$n.out"; }
+    --db "sqlite:///$work/run-$n.sqlite" --device "$device" --mc-passes "$passes" \
+    ${opt[@]+"${opt[@]}"} > "$work/run-$n.out" 2>&1 || { status=1; cat "$work/run-$n.out"; }
   end=$(date +%s.%N)
   grep -E "process|spectra/s" "$work/run-$n.out" | grep -v "^│" | tail -n 6 || true
   if [ -n "$smi_pid" ]; then

@@ -354,7 +354,8 @@ def run(
     processes: Annotated[
         Optional[int],
         typer.Option(min=1, help="Processes, as a worker's pool (default: one per core, at most "
-                     f"{MAX_CPU_PROCESSES} on the CPU or {MAX_PROCESSES_PER_GPU} per GPU; a job of one chunk runs in this process)."),
+                     f"{MAX_CPU_PROCESSES} on the CPU or {MAX_PROCESSES_PER_GPU} per GPU, fewer on a GPU of little memory; "
+                     "a job of one chunk runs in this process)."),
     ] = None,
 ) -> None:
     """Process spectra here and now, with no server (results in a SQLite file by default).

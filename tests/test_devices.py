@@ -14,6 +14,7 @@ from astronn_dist.worker.devices import (
     device_for_process,
     device_of_process,
     plan_here,
+    parse_gpu_probe,
     plan_worker,
     resolve_device,
     usable_cores,
@@ -106,3 +107,11 @@ def test_importing_devices_loads_no_torch():
     code = "import sys, astronn_dist.worker.devices; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_parse_gpu_probe_keeps_the_count_when_the_memory_is_missing():
+    assert parse_gpu_probe("2\n139.8\n") == (2, 139.8)
+    assert parse_gpu_probe("0\n") == (0, None)  # no GPU: the memory line fails, as it should
+    assert parse_gpu_probe("1\n") == (1, None)  # the memory query failed: the GPU still counts
+    with pytest.raises(ValueError):
+        parse_gpu_probe("")  # torch would not even import: no count (probe_gpus says 0)

@@ -275,6 +275,23 @@ def test_gpu_schedule_on_the_cpu_equals_the_cpu_schedule(model, flux):
     np.testing.assert_allclose(lv, want_lv, rtol=1e-5, atol=1e-6)
 
 
+def test_gpu_result_tensors_on_the_cpu_equal_the_host_arrays(model, flux):
+    """A unit's results written into tensors (the GPU's way: kept on the device until the batch
+    ends) are the numbers written into host arrays, padding and views across rows included."""
+    ids = [f"t{i}" for i in range(5)]
+    pred = Predictor(model, mc_passes=40, seed=2)
+    pred.schedule = Schedule.for_device("cuda", 40, pass_tile=25, max_rows=80)
+    first = pred.first_layer(flux[:5])
+    seeds = [spectrum_seed(2, s) for s in ids]
+    want = np.empty((5, 40), np.float32), np.empty((5, 40), np.float32)
+    got = torch.empty(5, 40), torch.empty(5, 40)
+    for unit in pred.schedule.units(5, pred.threads):
+        pred._run_unit(first.conv1_out, seeds, unit, *want)
+        pred._run_unit(first.conv1_out, seeds, unit, *got)
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(g.numpy(), w)
+
+
 def test_schedule_units():
     """CPU: padded groups at a few passes, parts of 50 passes shared among idle workers;
     GPU: max_rows spectrum-passes per unit, all passes in one part."""
@@ -415,10 +432,13 @@ def test_warm_up_changes_no_numbers(model, flux):
     ids = [f"w{i}" for i in range(5)]
     cold = Predictor(model, mc_passes=20, seed=3, threads=2)
     warm = Predictor(model, mc_passes=20, seed=3, threads=2)
-    warm.warm_up()
-    for a, b in zip(cold.sample(flux[:5], ids), warm.sample(flux[:5], ids)):
-        np.testing.assert_array_equal(a, b)
-    cold.close(), warm.close()
+    try:
+        warm.warm_up()
+        for a, b in zip(cold.sample(flux[:5], ids), warm.sample(flux[:5], ids)):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        cold.close()
+        warm.close()
 
 
 def test_first_layer_from_another_thread_gives_the_same_bits(model, flux):

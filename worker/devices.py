@@ -91,20 +91,35 @@ def probe_gpus(timeout_s: float = 120.0, *, probe: bool = False) -> tuple[int, f
     usual nodes, and torch is then the one to ask)."""
     if not probe and not (glob.glob("/dev/nvidia[0-9]*") or any(map(os.path.exists, ("/dev/kfd", "/dev/dxg")))):
         return 0, None  # no GPU device node (NVIDIA, ROCm's, WSL2's): skip the 2-3 s torch import
+    # The count first, on a line of its own: a failing memory query must not hide the GPUs.
     code = ("import torch\n"
             "n = torch.cuda.device_count() if torch.cuda.is_available() else 0\n"
-            "print(n, min((torch.cuda.get_device_properties(i).total_memory for i in range(n)),"
-            " default=0) / 2**30)")
+            "print(n, flush=True)\n"
+            "print(min(torch.cuda.get_device_properties(i).total_memory for i in range(n)) / 2**30)")
     try:
         out = subprocess.run(
             [sys.executable, "-c", code],
-            capture_output=True, text=True, timeout=timeout_s, check=True,
+            capture_output=True, text=True, timeout=timeout_s, check=False,
         )
-        count, gib = out.stdout.strip().splitlines()[-1].split()
-        return int(count), (float(gib) if int(count) else None)
+        return parse_gpu_probe(out.stdout)
     except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
         log.warning("could not count CUDA devices (%s); assuming none", exc)
         return 0, None
+
+
+def parse_gpu_probe(stdout: str) -> tuple[int, float | None]:
+    """(count, smallest memory in GiB or None) from :func:`probe_gpus`' subprocess output: a
+    line with the count, then (when there are GPUs and their memory could be read) a line
+    with the memory. Raises ValueError when there is no count."""
+    lines = stdout.split()
+    if not lines:
+        raise ValueError("no GPU count in the probe's output")
+    count = int(lines[0])
+    try:
+        gib = float(lines[1]) if count > 0 else None
+    except (IndexError, ValueError):
+        gib = None
+    return count, gib
 
 
 @dataclass(frozen=True)

@@ -483,7 +483,7 @@ class Predictor:
         a GPU, its libraries' handles (~45 ms of a process's first chunk of 128 spectra at 2
         passes on the CPU). Spectra have their own masks: nothing carries over to later numbers.
         """
-        n = self.schedule.group * (self.threads if self.device.type == "cpu" else 1)
+        n = min(64, self.schedule.group) * (self.threads if self.device.type == "cpu" else 1)
         self.predict(np.ones((n, self.layout.n_pixels)), [f"warm-up-{i}" for i in range(n)])
 
     def close(self) -> None:
@@ -563,7 +563,9 @@ class Predictor:
         flat = pooled.view(rows, lay.n_feat)[:, : lay.n_flat]  # (rows, 7512); the tail unused
         hidden = torch.addmm(self.b_dense1, flat, self.w_dense1).clamp_(min=0)  # (rows, 192)
         keep_hidden = self._buffer("keep_hidden", (rows, lay.hidden1), torch.float32, dev)
-        hidden.mul_(torch.ge(rand_hidden.reshape(rows, lay.hidden1), thr, out=keep_hidden))
+        # the comparison reads the masks' numbers where they lie (strided across spectra)
+        torch.ge(rand_hidden, thr, out=keep_hidden.view(s, n_passes, lay.hidden1))
+        hidden.mul_(keep_hidden)
         hidden = torch.addmm(self.b_dense2, hidden, self.w_dense2).clamp_(min=0)  # (rows, 64)
         heads = torch.addmm(self.b_heads, hidden, self.w_heads).view(s, n_passes, 2)
         return F.softplus(heads[..., 0]), heads[..., 1]

@@ -271,12 +271,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
     """
     path = Path(path)
     device = torch.device(device)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
     if device.type == "cuda" and device.index is None:
         # "cuda" means the current GPU; named with its index, as the tensors made there report
         # their device (the Predictor checks that its input lives on its own device)
         device = torch.device("cuda", torch.cuda.current_device())
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
     sha = file_sha256(path)
     try:
         # weights_only: a checkpoint is data, it must not be able to run code when loaded.
