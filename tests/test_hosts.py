@@ -327,9 +327,12 @@ def _chunk_in_hand(run: Run, worker: Worker) -> str:
 def _chunk_in_write(run: Run, sessions: Sessions, worker: Worker) -> str:
     """Wait until ``worker`` has a chunk's write transaction open (a few milliseconds per chunk;
     the stream under way, so that it is not its start-up's migration)."""
+    # The transaction is checked last, so the link is cut right after it is seen: the row count
+    # and the log's chunk in hand (a few ms to read) come first (checked first, they let a short
+    # write end before the cut, and CI once missed five writes in a row).
     return wait_for(
-        lambda: sessions.in_transaction(worker.name) and sessions.rows() >= N // 8
-        and (hand := _in_hand(worker)) and hand[0],
+        lambda: sessions.rows() >= N // 8 and (hand := _in_hand(worker))
+        and sessions.in_transaction(worker.name) and hand[0],
         300, f"{worker.name} inside its write transaction", worker, interval=0.001,
     )
 
@@ -351,6 +354,9 @@ class Takeover:
     rows: dict[str, tuple]  # the chunk's science columns as the other worker wrote them
 
 
+TRIES = 5  # silencings tried before _silenced_mid_chunk gives up (each undone at once)
+
+
 def _silenced_mid_chunk(run: Run, quiet: Worker, other: Worker, silence, speak, *,
                         in_write: bool = False) -> Takeover:
     """Silence ``quiet`` (``silence()``: cut its link, freeze it) in the middle of a chunk, until
@@ -362,11 +368,12 @@ def _silenced_mid_chunk(run: Run, quiet: Worker, other: Worker, silence, speak, 
     the silent session: ``results.dead_client_s``; a frozen process, whose host still answers,
     keeps them until it resumes), else while it computes.
     Silencing that lands elsewhere (the chunk already written, or the write begun or not yet)
-    is undone and tried on a later chunk.
+    is undone and tried on a later chunk, up to TRIES times (each try uses one of the quiet
+    worker's ~8 chunks left once the stream is under way).
     """
     sessions = Sessions(run)
     try:
-        for tries in range(1, 6):
+        for tries in range(1, TRIES + 1):
             task = _chunk_in_write(run, sessions, quiet) if in_write else _chunk_in_hand(run, quiet)
             silence()
             t_silent = time.monotonic()
@@ -375,7 +382,7 @@ def _silenced_mid_chunk(run: Run, quiet: Worker, other: Worker, silence, speak, 
             speak()
             wait_for(lambda: task not in _in_hand(quiet), 120, f"{quiet.name} to finish {task}", quiet)
         else:
-            pytest.fail(f"five times {quiet.name} was not silenced where asked (in_write={in_write})")
+            pytest.fail(f"{TRIES} times {quiet.name} was not silenced where asked (in_write={in_write})")
     finally:
         sessions.close()
     try:
