@@ -126,7 +126,7 @@ def run(batches: Sequence[int] = (1, 32, 256), reference_batches: Sequence[int] 
     rows = []
     for rows_per_group in max_rows:
         pred = Predictor(loaded, mc_passes=passes, seed=0, threads=threads, max_rows=rows_per_group)
-        pred.predict(flux[:4], ["w0", "w1", "w2", "w3"])  # warm up (threads, buffers, kernels)
+        pred.warm_up()
         for b in batches:
             rows.append(min((predictor_rate(pred, flux[: max(b, min_spectra)], b)
                              for _ in range(repeat)), key=lambda r: r.seconds))

@@ -102,7 +102,7 @@ def probe_gpus(timeout_s: float = 120.0, *, probe: bool = False) -> tuple[int, f
             capture_output=True, text=True, timeout=timeout_s, check=False,
         )
         return parse_gpu_probe(out.stdout)
-    except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
+    except (subprocess.SubprocessError, OSError, ValueError) as exc:
         log.warning("could not count CUDA devices (%s); assuming none", exc)
         return 0, None
 

@@ -161,6 +161,10 @@ class MaskLayout:
         """16-bit random numbers per pass for the three masks (each a multiple of 4)."""
         return self.n_x1, self.n_feat, self.hidden1
 
+    def draw_sizes(self, n_passes: int) -> list[int]:
+        """64-bit draws of the three masks for ``n_passes`` passes (four 16-bit numbers each)."""
+        return [n_passes * width // 4 for width in self.widths]
+
 
 def draw_random16(seed: int, n_passes: int, layout: MaskLayout,
                   generator: torch.Generator | None = None,
@@ -183,7 +187,7 @@ def draw_random16(seed: int, n_passes: int, layout: MaskLayout,
     (a kernel per mask cost the host 1.3 ms of launches per 40 spectra on an H200).
     """
     dev = torch.device(generator.device if generator is not None else device)
-    sizes = [n_passes * width // 4 for width in layout.widths]
+    sizes = layout.draw_sizes(n_passes)
     if dev.type == "cpu":
         raw = torch.from_numpy(np.random.SFC64(seed).random_raw(sum(sizes)).view(np.int64))
         if out is not None:
@@ -616,7 +620,7 @@ class Predictor:
         if rows == 1:  # one spectrum: its numbers as drawn, not copied (4.5 MB at 100 passes)
             drawn = draw_random16(seeds[unit.start], passes, lay, generator)
             return spectra, tuple(r[None] for r in drawn)
-        sizes = [passes * width // 4 for width in lay.widths]
+        sizes = lay.draw_sizes(passes)
         raw = self._buffer("random", (rows, sum(sizes)), torch.int64, dev)  # a spectrum a row
         for i in range(real):
             draw_random16(seeds[unit.start + i], passes, lay, generator, raw[i])

@@ -179,8 +179,9 @@ def run_local(
     engine: Engine | None = None,
 ) -> LocalReport:
     """Process ``requests`` in chunks of ``chunk_size`` (None: :func:`batch_size` for the plan)
-    and write their rows (database migrated beforehand). ``on_start`` is called once the model is loaded, ``on_chunk`` after each chunk's
-    rows are committed (in the calling process, in completion order). ``engine``: the
+    and write their rows (database migrated beforehand). ``on_start`` is called once the model
+    is loaded, ``on_chunk`` after each chunk's rows are committed (in the calling process, in
+    completion order). ``engine``: the
     caller's engine for a job run in this process (an in-memory SQLite database lives in it).
 
     Returns:

@@ -7,8 +7,10 @@ the choices below made for the hardware.
 Processes: the prefork pool (one OS process per concurrent chunk; the model and a batch live in
 each process's memory, and a chunk that crashes its process takes nothing else down).
 
-* With CUDA: several processes per GPU, one per core (at most :data:`~astronn_dist.worker.devices.MAX_PROCESSES_PER_GPU`
-  each, and one per :data:`~astronn_dist.worker.devices.GPU_GIB_PER_PROCESS` GiB of the GPU's memory), process i on ``cuda:{i % GPUs}`` (by pool process index; a replacement process takes
+* With CUDA: several processes per GPU, one per core (at most
+  :data:`~astronn_dist.worker.devices.MAX_PROCESSES_PER_GPU` each, and one per
+  :data:`~astronn_dist.worker.devices.GPU_GIB_PER_PROCESS` GiB of the GPU's memory), process i
+  on ``cuda:{i % GPUs}`` (by pool process index; a replacement process takes
   the index, hence the GPU, of the one it replaces). Reading and normalizing a spectrum costs
   ~0.5 ms of a core (BENCHMARKS.md) while a GPU infers 10^4-10^5 spectra/s, so one process per
   GPU, preparing in a thread of its own, would leave the GPU idle most of the time; each pool
