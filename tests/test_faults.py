@@ -97,19 +97,33 @@ def _idle(worker: Worker) -> bool:
     return bool(received) and received <= ended
 
 
-def _quiet(redis_url: str, workers: list[Worker]) -> bool:
-    """Nothing waiting or delivered-and-unacknowledged in Redis, and every worker idle."""
-    import redis
+def _quiet(settings: Settings, workers: list[Worker]) -> bool:
+    """Nothing waiting, nothing delivered and unacknowledged, and every chunk each worker
+    received has ended."""
+    from astronn_dist.worker.service.broker import redis_client
 
-    client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+    client = redis_client(settings, timeout_s=5, connect_timeout_s=5)
     try:
         if client.llen(QUEUE) or client.hlen(UNACKED_KEY):
             return False
-    except redis.RedisError:
+    except Exception:  # noqa: BLE001 - the broker is away (restarting, between primaries)
         return False
     finally:
         client.close()
     return all(_idle(w) for w in workers)
+
+
+def _reconcile(capsys: pytest.CaptureFixture, catalog: Path, chunk: int, broker_url: str,
+               database_url: str, model: Path, missing: set[str]) -> int:
+    """``astronn-dist reconcile --catalog``, as an operator runs it; checks that it re-sent
+    exactly the ``missing`` spectra and returns how many."""
+    code, out, err = run_cli(capsys, "reconcile", "--catalog", str(catalog), "--chunk-size",
+                             str(chunk), "--broker", broker_url, "--db", database_url,
+                             "--model", str(model))
+    assert code == 0, out + err
+    resent = int(re.search(r"enqueued (\d+) in", out).group(1)) if missing else 0
+    assert resent == len(missing), out
+    return resent
 
 
 def _env(redis_url: str, database_url: str, model: Path, **extra) -> dict[str, str]:
@@ -207,16 +221,11 @@ def test_redis_restarted_mid_stream_loses_nothing(
     publisher.join(120)
     if errors:  # the producer may give up while Redis is away: then the operator reruns it
         messages += _enqueue(url, sqlite_url, checkpoint, requests[half:], chunk)
-    wait_for(lambda: _quiet(url, workers), 600, "the queue drained after the restarts", workers[0])
+    settings = Settings(broker_url=url, database_url=sqlite_url, model_path=checkpoint)
+    wait_for(lambda: _quiet(settings, workers), 600, "the queue drained after the restarts", workers[0])
     missing = set(ids) - {r["spectrum_id"] for r in rows(sqlite_url)}
     assert len(missing) <= 2 * chunk, f"{len(missing)} spectra missing: more than a message a restart"
-    resent = 0
-    if missing:
-        code, out, err = run_cli(capsys, "reconcile", "--catalog", str(catalog), "--chunk-size",
-                                 str(chunk), "--broker", url, "--db", sqlite_url, "--model", str(checkpoint))
-        assert code == 0, out + err
-        resent = int(re.search(r"enqueued (\d+) in", out).group(1))
-        assert resent == len(missing), out
+    resent = _reconcile(capsys, catalog, chunk, url, sqlite_url, checkpoint, missing) if missing else 0
     lost, duplicated, elapsed = _all_written(sqlite_url, ids, t0, workers[0])
     assert all(w.proc.poll() is None for w in workers)
     print(f"\n[redis] {n} spectra in {messages} messages, 2 workers; Redis restarted twice "

@@ -21,7 +21,6 @@ what reconcile re-sent).
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from pathlib import Path
@@ -32,8 +31,8 @@ from _catalogs import write_catalog
 from _sentinel import SentinelCluster, TlsRedisServer, TlsSentinel, self_signed_certificate
 from _service import Worker, build_checkpoint, rows, run_cli, spectra_farm, wait_for, worker_env
 from astronn_dist.worker.config import Settings
-from astronn_dist.worker.contract import QUEUE, UNACKED_KEY, SpectrumRequest
-from test_faults import _all_written, _count_rows, _idle  # the fault tests' end check and idle test
+from astronn_dist.worker.contract import QUEUE, SpectrumRequest
+from test_faults import _all_written, _count_rows, _quiet, _reconcile  # the fault tests' checks
 
 pytestmark = [pytest.mark.service, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -55,22 +54,6 @@ def cluster(tmp_path: Path):
         yield servers.start()
     finally:
         servers.close()
-
-
-def _quiet(settings: Settings, worker: Worker) -> bool:
-    """Nothing waiting, nothing delivered and unacknowledged, and every chunk the worker received
-    has ended."""
-    from astronn_dist.worker.service.broker import redis_client
-
-    client = redis_client(settings, timeout_s=5, connect_timeout_s=5)
-    try:
-        if client.llen(QUEUE) or client.hlen(UNACKED_KEY):
-            return False
-    except Exception:  # noqa: BLE001 - the broker is between primaries: not quiet yet
-        return False
-    finally:
-        client.close()
-    return _idle(worker)
 
 
 def test_primary_killed_mid_stream_fails_over_and_reconcile_loses_nothing(
@@ -141,15 +124,10 @@ def test_primary_killed_mid_stream_fails_over_and_reconcile_loses_nothing(
     assert messages == n // chunk
 
     # The worker carries on against the new primary; wait until everything it can see is done.
-    wait_for(lambda: _quiet(settings, worker), 600, "the queue drained on the new primary", worker)
+    wait_for(lambda: _quiet(settings, [worker]), 600, "the queue drained on the new primary", worker)
     written = {r["spectrum_id"] for r in rows(sqlite_url)}
     missing = set(ids) - set(written)
-
-    code, out, err = run_cli(capsys, "reconcile", "--catalog", str(catalog), "--chunk-size",
-                             str(chunk), "--broker", url, "--db", sqlite_url, "--model", str(checkpoint))
-    assert code == 0, out + err
-    resent = int(re.search(r"enqueued (\d+) in", out).group(1)) if missing else 0
-    assert resent == len(missing), out
+    resent = _reconcile(capsys, catalog, chunk, url, sqlite_url, checkpoint, missing)
 
     lost, duplicated, elapsed = _all_written(sqlite_url, ids, t0, worker)
     assert worker.proc.poll() is None
