@@ -216,6 +216,12 @@ def run_local(
     with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_ready,
                              initargs=(settings, plan, counter, barrier)) as pool:
         ready = [pool.submit(_identity) for _ in range(processes)]
+        # The chunks' outcomes are ChunkOutcome objects: the first one unpickled imports their
+        # module, and with it the science stack (astropy, ~0.6 s of a core), in the pool's
+        # feeding thread, which meanwhile hands out no chunk (a process sat idle ~0.3 s after its
+        # first chunk). Imported here instead, while the processes load their models.
+        import astronn_dist.worker.service.chunks  # noqa: F401
+
         identities = [future.result() for future in ready]
         devices = tuple(sorted({device for _, device in identities}))
         on_start(LocalRun(plan, identities[0][0], devices, processes, plan.threads_per_process))
