@@ -217,9 +217,9 @@ def run_local(
                              initargs=(settings, plan, counter, barrier)) as pool:
         ready = [pool.submit(_identity) for _ in range(processes)]
         # The chunks' outcomes are ChunkOutcome objects: the first one unpickled imports their
-        # module, and with it the science stack (astropy, ~0.6 s of a core), in the pool's
-        # feeding thread, which meanwhile hands out no chunk (a process sat idle ~0.3 s after its
-        # first chunk). Imported here instead, while the processes load their models.
+        # module, and with it the science stack (astropy, ~0.6 s of a core), in the executor's
+        # manager thread, which meanwhile hands out no queued chunk (a process sat idle ~0.3 s
+        # after its first chunk). Imported here instead, while the processes load their models.
         import astronn_dist.worker.service.chunks  # noqa: F401
 
         identities = [future.result() for future in ready]
