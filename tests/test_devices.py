@@ -13,6 +13,7 @@ from astronn_dist.worker.devices import (
     check_spec,
     device_for_process,
     device_of_process,
+    gpu_works,
     plan_here,
     parse_gpu_probe,
     plan_worker,
@@ -115,3 +116,24 @@ def test_parse_gpu_probe_keeps_the_count_when_the_memory_is_missing():
     assert parse_gpu_probe("1\n") == (1, None)  # the memory query failed: the GPU still counts
     with pytest.raises(ValueError):
         parse_gpu_probe("")  # torch would not even import: no count (probe_gpus says 0)
+
+
+def test_gpu_works_is_false_where_no_gpu_runs():
+    # A CPU has no CUDA context to synchronize: "not a working GPU", never an exception.
+    assert gpu_works(torch.device("cpu")) is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_gpu_works_on_a_working_gpu():
+    assert gpu_works(torch.device("cuda", 0)) is True
+
+
+def test_worker_state_on_the_cpu_never_reports_a_failed_device(tmp_path):
+    from astronn_dist.worker.config import BUNDLED_MODEL, Settings
+    from astronn_dist.worker.service.state import WorkerState
+
+    state = WorkerState(Settings(model_path=BUNDLED_MODEL, device="cpu", mc_passes=2,
+                                 database_url=f"sqlite:///{tmp_path / 'r.sqlite'}"))
+    assert state.device_failed() is False  # no model loaded yet
+    assert str(state.predictor().device) == "cpu"
+    assert state.device_failed() is False

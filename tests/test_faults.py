@@ -1,7 +1,8 @@
-"""Fault injection on real processes: workers killed over and over, Redis restarted, PostgreSQL
-stopped, Redis flushed, and a 20,000-message load. Each test runs its own Redis (append-only)
-and, where it stops it, its own PostgreSQL, on free loopback ports (tests/_servers.py), and
-ends by checking that every spectrum has exactly one row: none lost, none duplicated.
+"""Fault injection on real processes: workers killed over and over, a pool process whose GPU
+failed, Redis restarted, PostgreSQL stopped, Redis flushed, and a 20,000-message load. Each
+test runs its own Redis (append-only) and, where it stops it, its own PostgreSQL, on free
+loopback ports (tests/_servers.py), and ends by checking that every spectrum has exactly one
+row: none lost, none duplicated.
 
 Every test prints one line with its figures (messages, faults, rows lost, duplicates, time).
 """
@@ -9,6 +10,7 @@ Every test prints one line with its figures (messages, faults, rows lost, duplic
 from __future__ import annotations
 
 import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -22,6 +24,7 @@ from _service import Worker, build_checkpoint, rows, run_cli, spectra_farm, wait
 from astronn_dist.worker.config import Settings
 from astronn_dist.worker.science.distance import FLAG_NO_RESULT
 from astronn_dist.worker.contract import QUEUE, UNACKED_KEY, SpectrumRequest
+from astronn_dist.worker.service.tasks import EXIT_DEVICE_FAILED
 
 pytestmark = [pytest.mark.service, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -170,6 +173,73 @@ def test_workers_killed_again_and_again_lose_nothing(
     print(f"\n[kill] {n} spectra in {messages} messages, 2 workers; {pool_kills} pool processes "
           f"and {worker_kills} worker SIGKILLed mid-chunk, 1 worker restarted: {lost} lost, "
           f"{duplicated} duplicated, {retried} spectra processed again; {elapsed:.1f} s")
+
+
+# Stands in for a GPU whose context a fatal error broke (an illegal memory access, an Xid
+# fault), which a CPU cannot do: the first chunk of the first pool process raises as such a
+# kernel would, and from then on everything in that process fails and its device reports
+# failed, as torch's calls would. Then the worker itself, as `python -m celery` runs it.
+_FAILING_GPU = """
+import os, sys
+from pathlib import Path
+import astronn_dist.worker.service.tasks as tasks
+from astronn_dist.worker.service.state import WorkerState
+
+marker = Path(os.environ["TEST_GPU_FAULT_MARKER"])
+broken = []  # this process's GPU failed (a forked process starts with its own, empty)
+real_process_chunk = tasks.process_chunk
+
+def process_chunk(*args, **kwargs):
+    if not broken and not marker.exists():
+        marker.write_text(str(os.getpid()))
+        broken.append(os.getpid())
+    if broken:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    return real_process_chunk(*args, **kwargs)
+
+tasks.process_chunk = process_chunk
+WorkerState.device_failed = lambda self: bool(broken)
+from celery.__main__ import main
+sys.argv = ["celery", "-A", "astronn_dist.worker.service.app", "worker", "-Q", "astronn_dist",
+            "-P", "prefork", "-c", "1", "-l", "INFO", "-n", "gpu@%h", "--without-gossip",
+            "--without-mingle"]
+main()
+"""
+
+
+def test_a_pool_process_whose_gpu_failed_leaves_and_its_chunk_gets_results(
+    redis_server: RedisServer, sqlite_url: str, checkpoint: Path, apstar_files: list[Path],
+    tmp_path: Path, workers: list[Worker],
+) -> None:
+    """A process whose GPU context broke fails every chunk it takes and, always the idle one,
+    would take most of them: they were retried into no-result rows (all 200 here). It exits
+    instead, its chunk is delivered again at once, and the new process gives every spectrum
+    its result."""
+    n, chunk = 200, 20
+    url = redis_server.url()
+    entries = spectra_farm(apstar_files, tmp_path / "spectra", n)
+    ids = [e["spectrum_id"] for e in entries]
+    marker = tmp_path / "gpu-failed-in"
+    env = _env(url, sqlite_url, checkpoint, TEST_GPU_FAULT_MARKER=str(marker))
+    worker = Worker(env, tmp_path / "gpu.log", name="gpu", argv=[sys.executable, "-c", _FAILING_GPU])
+    workers.append(worker)
+    worker.wait_ready()
+    first = worker.children()
+    t0 = time.monotonic()
+    messages = _enqueue(url, sqlite_url, checkpoint, _requests(entries), chunk)
+    lost, duplicated, elapsed = _all_written(sqlite_url, ids, t0, worker)
+
+    failed_pid = int(marker.read_text())
+    assert failed_pid in first, (failed_pid, first)
+    log = worker.log()
+    assert log.count("the process exits so that a new one takes its place") == 1, log[-3000:]
+    assert f"pid:{failed_pid} exited with 'exitcode {EXIT_DEVICE_FAILED}'" in log, log[-3000:]
+    assert failed_pid not in worker.children() and worker.proc.poll() is None
+    again = [r for r in rows(sqlite_url) if r["attempts"] > 1]
+    assert len(again) == chunk, f"{len(again)} spectra processed a second time, expected one chunk"
+    print(f"\n[gpu] {n} spectra in {messages} messages; the first pool process's GPU failed on "
+          f"its first chunk: it exited ({EXIT_DEVICE_FAILED}), the chunk came back to its "
+          f"replacement; {lost} lost, {duplicated} duplicated; {elapsed:.1f} s")
 
 
 def test_redis_restarted_mid_stream_loses_nothing(

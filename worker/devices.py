@@ -206,3 +206,20 @@ def device_of_process(spec: str, index: int) -> torch.device:
 
         n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return resolve_device(device_for_process(spec, index, n_gpus))
+
+
+# --------------------------------------------------------------------------------------- health
+
+
+def gpu_works(device: torch.device) -> bool:
+    """Whether ``device`` (a GPU) still runs work in this process: False after a fatal CUDA
+    error (an illegal memory access, a hardware fault reported as an Xid), which leaves the
+    process's CUDA context unusable, so that every later call fails too. A recoverable error
+    (running out of memory) leaves it working."""
+    import torch
+
+    try:
+        torch.cuda.synchronize(device)
+        return bool(torch.ones(1, device=device).add_(1).item() == 2.0)
+    except Exception:  # noqa: BLE001 - whatever the error, the GPU does not work here
+        return False

@@ -8,6 +8,7 @@ a database that opens but cannot be migrated retry with backoff, without limit
 storage error (EIO, ESTALE, ...), CUDA or    retry with backoff up to ``max_retries``, then
 host out of memory, anything unexpected      give up: no-result rows saying why
 the same chunk killed the worker N times     park: no-result rows "worker died N times ..."
+the process's GPU failed (fatal CUDA error)  the process exits (tasks.py): delivered again
 the rows of a parked or failed chunk cannot  retry (the message stays until its rows are in)
 be written
 ===========================================  ================================================

@@ -91,6 +91,16 @@ class WorkerState:
                 )
             return self._predictor
 
+    def device_failed(self) -> bool:
+        """Whether this process's GPU stopped working (:func:`astronn_dist.worker.devices.gpu_works`):
+        its chunks must then go to a new process. False on the CPU, and before a model is loaded."""
+        predictor = self._predictor
+        if predictor is None or predictor.device.type != "cuda":
+            return False
+        from astronn_dist.worker.devices import gpu_works
+
+        return not gpu_works(predictor.device)
+
     def engine(self) -> Engine:
         """The results database, migrated once per process (retried until it succeeds)."""
         with self._db_lock:

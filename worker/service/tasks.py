@@ -11,7 +11,10 @@ without Celery (``astronn-dist run`` calls it); the per-process model, engine an
 are :mod:`astronn_dist.worker.service.state`. A spectrum is never lost: it ends with a row, or its message stays.
 An invalid message as a whole is logged and rejected (removed), never retried; a pool process
 killed mid-chunk gets its message requeued at once (reject_on_worker_lost), a whole worker
-after the visibility timeout.
+after the visibility timeout. A pool process whose GPU failed (a fatal CUDA error leaves its
+context unusable) exits the same way, mid-chunk: a process that stayed would fail every chunk
+it took at once, and being the idle one it would take most of them, retrying them into
+no-result rows; a new process gets a new context.
 
 Redelivery cannot be told from the message: on Redis ``delivery_info['redelivered']`` is not
 set reliably, so each delivery increments a counter in Redis (the broker, same URL) keyed by task
@@ -25,8 +28,10 @@ than that, so the handler only starts the state's warm-up thread.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 from typing import Any, NoReturn
 
 from celery import Task, shared_task
@@ -46,6 +51,9 @@ __all__ = ["DELIVERY_KEY", "ChunkOutcome", "WorkerState", "process",
            "process_chunk", "worker_state", "write_no_results"]
 
 log = get_task_logger(__name__)
+
+EXIT_DEVICE_FAILED = 75
+"""Exit status of a pool process that leaves because its GPU failed (EX_TEMPFAIL)."""
 
 
 @worker_process_init.connect
@@ -161,6 +169,8 @@ def process(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             attempts=attempts, host=host, invalid=parsed.invalid,
         )
     except Exception as exc:  # noqa: BLE001 - every failure is retried or recorded
+        if state.device_failed():
+            _leave_for_a_new_process(task_id, len(spectra), exc)
         given_up = decide_failure(exc, Stage.PROCESS)  # returns only when giving up
         write_failed(given_up.reason, "failed", Stage.WRITE_FAILED)
         state.forget_deliveries(task_id, retries)
@@ -170,6 +180,26 @@ def process(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     state.forget_deliveries(task_id, retries)
     _log_outcome(outcome, settings.visibility_timeout_s)
     return outcome.as_dict()
+
+
+def _leave_for_a_new_process(task_id: str, n_spectra: int, exc: BaseException) -> NoReturn:
+    """End this pool process without acknowledging the chunk: the pool starts a new process,
+    and the chunk goes back to the queue at once (reject_on_worker_lost), counted as a
+    delivery, so a GPU that keeps failing parks it after ``max_deliveries`` like any chunk
+    that kills its workers."""
+    pid = os.getpid()
+    log.error(
+        "chunk %s (%d spectra): the GPU of process %d failed (%s); the process exits so that a "
+        "new one takes its place, and the chunk is delivered again", task_id, n_spectra, pid,
+        describe(exc),
+        extra={"event": "device_failed", "error": describe(exc), "spectra": n_spectra},
+    )
+    metrics.process_exited(pid)
+    for handler in logging.getLogger().handlers + log.handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_DEVICE_FAILED)  # at once: nothing more runs here, the chunk is not acknowledged
 
 
 def _log_outcome(outcome: ChunkOutcome, visibility_timeout_s: int) -> None:
