@@ -114,6 +114,13 @@ def worker_env(
     return env
 
 
+def celery_worker_args(name: str) -> list[str]:
+    """The arguments after ``celery`` that start a test worker: one prefork pool process on the
+    service's queue, named ``name@host``."""
+    return ["-A", "astronn_dist.worker.service.app", "worker", "-Q", "astronn_dist", "-P", "prefork",
+            "-c", "1", "-l", "INFO", "-n", f"{name}@%h", "--without-gossip", "--without-mingle"]
+
+
 class Worker:
     """A real worker process (``python -m celery -A astronn_dist.worker.service.app worker`` or ``astronn_dist.worker.service.serve``,
     or ``argv`` as given, e.g. ``astronn-dist worker`` on another host), in its own session so that
@@ -133,11 +140,7 @@ class Worker:
             )
             argv = [sys.executable, "-c", code]
         else:
-            argv = [
-                sys.executable, "-m", "celery", "-A", "astronn_dist.worker.service.app", "worker",
-                "-Q", "astronn_dist", "-P", "prefork", "-c", "1", "-l", "INFO",
-                "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
-            ]
+            argv = [sys.executable, "-m", "celery", *celery_worker_args(name)]
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
             argv, env=dict(env), cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,

@@ -20,7 +20,8 @@ import pytest
 
 from _catalogs import write_catalog
 from _servers import PostgresServer, RedisServer
-from _service import Worker, build_checkpoint, rows, run_cli, spectra_farm, wait_for, worker_env
+from _service import (Worker, build_checkpoint, celery_worker_args, rows, run_cli, spectra_farm,
+                      wait_for, worker_env)
 from astronn_dist.worker.config import Settings
 from astronn_dist.worker.science.distance import FLAG_NO_RESULT
 from astronn_dist.worker.contract import QUEUE, UNACKED_KEY, SpectrumRequest
@@ -178,7 +179,8 @@ def test_workers_killed_again_and_again_lose_nothing(
 # Stands in for a GPU whose context a fatal error broke (an illegal memory access, an Xid
 # fault), which a CPU cannot do: the first chunk of the first pool process raises as such a
 # kernel would, and from then on everything in that process fails and its device reports
-# failed, as torch's calls would. Then the worker itself, as `python -m celery` runs it.
+# failed, as torch's calls would. Then the worker itself, as `python -m celery` runs it, with
+# the arguments that follow the code on the command line.
 _FAILING_GPU = """
 import os, sys
 from pathlib import Path
@@ -200,9 +202,7 @@ def process_chunk(*args, **kwargs):
 tasks.process_chunk = process_chunk
 WorkerState.device_failed = lambda self: bool(broken)
 from celery.__main__ import main
-sys.argv = ["celery", "-A", "astronn_dist.worker.service.app", "worker", "-Q", "astronn_dist",
-            "-P", "prefork", "-c", "1", "-l", "INFO", "-n", "gpu@%h", "--without-gossip",
-            "--without-mingle"]
+sys.argv = ["celery", *sys.argv[1:]]
 main()
 """
 
@@ -221,7 +221,8 @@ def test_a_pool_process_whose_gpu_failed_leaves_and_its_chunk_gets_results(
     ids = [e["spectrum_id"] for e in entries]
     marker = tmp_path / "gpu-failed-in"
     env = _env(url, sqlite_url, checkpoint, TEST_GPU_FAULT_MARKER=str(marker))
-    worker = Worker(env, tmp_path / "gpu.log", name="gpu", argv=[sys.executable, "-c", _FAILING_GPU])
+    worker = Worker(env, tmp_path / "gpu.log", name="gpu",
+                    argv=[sys.executable, "-c", _FAILING_GPU, *celery_worker_args("gpu")])
     workers.append(worker)
     worker.wait_ready()
     first = worker.children()

@@ -5,8 +5,8 @@ A device spec is ``auto`` (CUDA when there is a GPU, else the CPU), ``cpu``, ``c
 GPU) or ``cuda:N``. The worker (``astronn-dist worker``), ``astronn-dist run`` and the Python
 API all go through here. Importing this module never imports torch: the planning parent of a
 worker must not touch CUDA (a CUDA context does not survive fork), so it counts GPUs in a
-subprocess (:func:`probe_gpus`); only :func:`resolve_device` and :func:`device_of_process`, which
-run where the model will live, import torch.
+subprocess (:func:`probe_gpus`); only :func:`resolve_device`, :func:`device_of_process` and
+:func:`gpu_works`, which run where the model lives, import torch.
 """
 
 from __future__ import annotations
